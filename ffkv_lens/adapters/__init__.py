@@ -1,0 +1,62 @@
+"""Adapters: the only package of ffkv_lens that imports transformer_lens.
+
+:func:`make_adapter` picks a backend by the model's class (TransformerBridge today) and a
+family by its architecture (:mod:`ffkv_lens.adapters.families`). Backends are imported
+lazily so that ``import ffkv_lens`` stays fast.
+"""
+
+import importlib
+from typing import Any
+
+from ffkv_lens.adapters.base import LayerHooks, MemoryAdapter
+from ffkv_lens.adapters.families import FAMILIES, FamilySpec, register_family, supported_architectures
+from ffkv_lens.errors import ConfigError
+
+__all__ = [
+    "FAMILIES",
+    "FamilySpec",
+    "LayerHooks",
+    "MemoryAdapter",
+    "load_model",
+    "make_adapter",
+    "register_family",
+    "supported_architectures",
+]
+
+# model class name -> "module:factory"; the factory takes the model and returns an adapter.
+_BACKENDS = {
+    "TransformerBridge": "ffkv_lens.adapters.bridge:make_bridge_adapter",
+}
+
+
+def make_adapter(model: Any) -> MemoryAdapter:
+    """Wrap a TransformerLens model in the adapter of its backend and family.
+
+    Args:
+        model: A ``TransformerBridge`` (or an existing :class:`MemoryAdapter`, returned as is).
+
+    Returns:
+        The adapter.
+
+    Raises:
+        ConfigError: If ``model`` is not a supported TransformerLens model class.
+        UnsupportedArchitectureError: If its architecture has no registered family.
+    """
+    if isinstance(model, MemoryAdapter):
+        return model
+    for cls in type(model).__mro__:
+        target = _BACKENDS.get(cls.__name__)
+        if target is not None and cls.__module__.startswith("transformer_lens"):
+            module, factory = target.split(":")
+            return getattr(importlib.import_module(module), factory)(model)
+    raise ConfigError(
+        f"MemoryLens needs a TransformerLens model; got {type(model).__module__}.{type(model).__name__}. "
+        f"Supported model classes: {sorted(_BACKENDS)}. Load one with ffkv_lens.load_model(name)."
+    )
+
+
+def load_model(*args: Any, **kwargs: Any) -> Any:
+    """Load a model as a ``TransformerBridge``; see :func:`ffkv_lens.adapters.loading.load_model`."""
+    from ffkv_lens.adapters.loading import load_model as _load
+
+    return _load(*args, **kwargs)

@@ -1,0 +1,307 @@
+"""The narrow interface between a model backend and the ffkv_lens analysis core.
+
+A :class:`MemoryAdapter` exposes one model's FFN layers as key-value memories
+(Geva et al. 2021): keys are the rows of the input weights, coefficients are the hidden
+activation at ``mlp.hook_post``, values are the rows of the output weights. Everything
+that depends on the backend (TransformerBridge or HookedTransformer) or on the family
+(layout, norms, readout head) is settled by the concrete adapter; the analysis core only
+calls the methods below.
+
+This module does not import transformer_lens: backends live in sibling modules.
+"""
+
+import abc
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ffkv_lens.adapters.families import FamilySpec
+from ffkv_lens.errors import ConfigError, HookNotFiredError
+from ffkv_lens.types import AttentionMask, Coefficients, Keys, Logits, MemoryLogits, Residual, Tokens, ValueBias, Values
+
+__all__ = ["FwdHook", "LayerHooks", "MemoryAdapter"]
+
+FwdHook = tuple[str, Callable[[Tensor, Any], Tensor | None]]
+
+
+@dataclass(frozen=True)
+class LayerHooks:
+    """Canonical hook names of one layer, as the analysis core needs them.
+
+    Attributes:
+        coefficients: The memory coefficients m (``mlp.hook_post``).
+        ffn_input: x, the FFN input after any pre-FFN norm (``mlp.hook_in``).
+        ffn_output: y, what the FFN adds to the residual stream (``hook_mlp_out``; on Gemma
+            after the post-FFN norm; on BERT before the post-LN).
+        resid_before_ffn: r, the residual stream the FFN's output is added to
+            (``hook_resid_mid``; BERT: the FFN's input). ``None`` on parallel blocks, where
+            r is derived as ``resid_after_ffn - ffn_output`` (see
+            :meth:`MemoryAdapter.residual_before_ffn`).
+        resid_after_ffn: o = r + y (``hook_resid_post``; BERT: the sum entering the
+            output LayerNorm, ``ln2.hook_in``).
+        post_ffn_scale: Per-token RMS scale of the post-FFN norm (Gemma), else ``None``.
+    """
+
+    coefficients: str
+    ffn_input: str
+    ffn_output: str
+    resid_before_ffn: str | None
+    resid_after_ffn: str
+    post_ffn_scale: str | None = None
+
+    def required(self) -> list[str]:
+        """Every hook name of this layer that is set."""
+        return [n for n in vars(self).values() if n is not None]
+
+
+class MemoryAdapter(abc.ABC):
+    """One model seen as a stack of key-value memory layers.
+
+    Subclasses implement the weight accessors, :meth:`run_with_hooks`, :meth:`readout` and
+    :meth:`value_logits` for one backend; the family specifics come from ``spec``.
+    """
+
+    spec: FamilySpec
+
+    # -- shape -----------------------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def n_layers(self) -> int:
+        """Number of FFN layers."""
+
+    @property
+    @abc.abstractmethod
+    def d_model(self) -> int:
+        """Width of the residual stream."""
+
+    @property
+    @abc.abstractmethod
+    def d_mlp(self) -> int:
+        """Number of memories per layer."""
+
+    @property
+    @abc.abstractmethod
+    def d_vocab(self) -> int:
+        """Vocabulary size of the readout."""
+
+    @property
+    @abc.abstractmethod
+    def device(self) -> torch.device:
+        """Device of the model's weights."""
+
+    @property
+    @abc.abstractmethod
+    def tokenizer(self) -> Any:
+        """The model's Hugging Face tokenizer."""
+
+    @property
+    def architecture(self) -> str:
+        """Family name, e.g. ``"llama"``."""
+        return self.spec.name
+
+    @property
+    def gated(self) -> bool:
+        """Whether memories have a gate key and an up key."""
+        return self.spec.gated
+
+    # -- weights ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def keys(self, layer: int) -> Keys:
+        """Keys of a layer (gate keys on gated MLPs), one row per memory."""
+
+    @abc.abstractmethod
+    def up_keys(self, layer: int) -> Keys | None:
+        """Up-projection keys of a gated layer; ``None`` on non-gated MLPs."""
+
+    @abc.abstractmethod
+    def key_bias(self, layer: int) -> Float[Tensor, " d_mlp"] | None:
+        """Bias of the (gate) keys, or ``None``."""
+
+    @abc.abstractmethod
+    def up_key_bias(self, layer: int) -> Float[Tensor, " d_mlp"] | None:
+        """Bias of the up keys, or ``None``."""
+
+    @abc.abstractmethod
+    def values(self, layer: int) -> Values:
+        """Direction each memory writes into the residual stream (post-FFN gain folded in)."""
+
+    @abc.abstractmethod
+    def value_bias(self, layer: int) -> ValueBias | None:
+        """Output bias of the FFN, or ``None``."""
+
+    @abc.abstractmethod
+    def activation(self, pre: Tensor) -> Tensor:
+        """The FFN's activation function f (applied to the gate pre-activation when gated)."""
+
+    @abc.abstractmethod
+    def hook_names(self, layer: int) -> LayerHooks:
+        """Canonical hook names of ``layer``."""
+
+    # -- running -----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def to_tokens(self, text: str | list[str], *, prepend_bos: bool | None = None) -> Tokens:
+        """Tokenise text the way the model expects (BOS by the model's default)."""
+
+    @abc.abstractmethod
+    def run_with_hooks(
+        self,
+        tokens: Tokens,
+        fwd_hooks: Sequence[FwdHook],
+        *,
+        attention_mask: AttentionMask | None = None,
+        stop_after: str | None = None,
+    ) -> Logits | None:
+        """Run the model with temporary forward hooks, removed even after an exception.
+
+        Args:
+            tokens: Token ids.
+            fwd_hooks: ``(hook_name, fn(tensor, hook))`` pairs.
+            attention_mask: 1 for real tokens, 0 for padding.
+            stop_after: If given, the forward pass stops right after this hook has fired
+                (after ``fwd_hooks`` on the same point) and ``None`` is returned.
+
+        Returns:
+            The logits, or ``None`` when stopped early.
+        """
+
+    @abc.abstractmethod
+    def readout(self, resid: Residual) -> Logits:
+        """Logits of full residual states: final norm + unembedding (+ soft-cap)."""
+
+    @abc.abstractmethod
+    def value_logits(self, layer: int, memories: Tensor | Sequence[int] | None = None) -> MemoryLogits:
+        """Direction-only projection of value vectors into the vocabulary.
+
+        See :attr:`value_readout_mode` for the exact definition this backend uses.
+        """
+
+    @property
+    @abc.abstractmethod
+    def value_readout_mode(self) -> str:
+        """The definition used by :meth:`value_logits`, recorded with results."""
+
+    # -- derived, backend independent ------------------------------------------------------------
+    def check_layers(self, layers: int | Sequence[int] | None) -> list[int]:
+        """Normalise a layer selection to a sorted list of valid indices.
+
+        Raises:
+            ConfigError: If a layer is out of range or the selection is empty.
+        """
+        if layers is None:
+            return list(range(self.n_layers))
+        chosen = [layers] if isinstance(layers, int) else list(layers)
+        bad = [layer for layer in chosen if not isinstance(layer, int) or not -self.n_layers <= layer < self.n_layers]
+        if bad or not chosen:
+            raise ConfigError(
+                f"layers={layers!r} is not a valid selection for a model with {self.n_layers} layers; "
+                f"pass None (all) or integers in [0, {self.n_layers})."
+            )
+        return sorted({layer % self.n_layers for layer in chosen})
+
+    def coefficients(
+        self,
+        tokens: Tokens,
+        *,
+        layers: int | Sequence[int] | None = None,
+        attention_mask: AttentionMask | None = None,
+    ) -> dict[int, Coefficients]:
+        """Memory coefficients m at ``mlp.hook_post``, stopping after the last requested layer.
+
+        Args:
+            tokens: Token ids ``[batch, pos]``.
+            layers: Layers to record (default: all).
+            attention_mask: 1 for real tokens, 0 for padding (pad positions hold garbage).
+
+        Returns:
+            ``{layer: m}`` with ``m`` of shape ``[batch, pos, d_mlp]``.
+        """
+        chosen = self.check_layers(layers)
+        names = {self.hook_names(layer).coefficients: layer for layer in chosen}
+        out: dict[int, Tensor] = {}
+
+        def record(tensor: Tensor, hook: Any) -> None:
+            out[names[hook.name]] = tensor.detach()
+
+        last = self.hook_names(chosen[-1]).coefficients
+        self.run_with_hooks(tokens, [(name, record) for name in names], attention_mask=attention_mask, stop_after=last)
+        _check_fired(names, {self.hook_names(layer).coefficients for layer in out})
+        return out
+
+    def record(
+        self,
+        tokens: Tokens,
+        names: Sequence[str],
+        *,
+        attention_mask: AttentionMask | None = None,
+        stop_after: str | None = None,
+    ) -> dict[str, Tensor]:
+        """Record activations at the given canonical hook names (raises if one did not fire)."""
+        acts: dict[str, Tensor] = {}
+
+        def keep(tensor: Tensor, hook: Any) -> None:
+            acts[hook.name] = tensor.detach()
+
+        self.run_with_hooks(
+            tokens,
+            [(name, keep) for name in dict.fromkeys(names)],
+            attention_mask=attention_mask,
+            stop_after=stop_after,
+        )
+        _check_fired(names, acts)
+        return acts
+
+    def ffn_output(
+        self,
+        layer: int,
+        coefficients: Float[Tensor, "*batch d_mlp"],
+        post_scale: Float[Tensor, "*batch 1"] | None = None,
+    ) -> Float[Tensor, "*batch d_model"]:
+        """What the FFN adds to the residual stream, rebuilt from coefficients and values.
+
+        ``sum_i m_i v_i + b_out``, divided by the post-FFN norm's per-token scale where the
+        family has one (``post_scale`` from :attr:`LayerHooks.post_ffn_scale`).
+        """
+        out = coefficients @ self.values(layer)
+        bias = self.value_bias(layer)
+        if bias is not None:
+            out = out + bias
+        if self.spec.post_ffn_norm:
+            if post_scale is None:
+                raise ConfigError(
+                    f"{self.architecture} has a post-FFN norm: pass post_scale, the activation at "
+                    f"{self.hook_names(layer).post_ffn_scale!r}."
+                )
+            out = out / post_scale
+        return out
+
+    def residual_before_ffn(self, acts: Mapping[str, Tensor], layer: int) -> Tensor:
+        """r, the residual stream the FFN output is added to, from recorded activations.
+
+        On parallel blocks r is ``resid_after_ffn - ffn_output`` (the block input plus the
+        attention output), since attention and FFN read the same input.
+        """
+        hooks = self.hook_names(layer)
+        if hooks.resid_before_ffn is not None:
+            return acts[hooks.resid_before_ffn]
+        return acts[hooks.resid_after_ffn] - acts[hooks.ffn_output]
+
+    @contextlib.contextmanager
+    def inference(self) -> Iterator[None]:
+        """Context for analysis code: no autograd graph is built."""
+        with torch.no_grad():
+            yield
+
+
+def _check_fired(expected: Sequence[str] | Mapping[str, Any], fired: Mapping[str, Any] | set[str]) -> None:
+    missing = [name for name in expected if name not in fired]
+    if missing:
+        raise HookNotFiredError(
+            f"These hooks did not fire during the forward pass: {missing}. The installed "
+            "TransformerLens version may name or route them differently; please report the "
+            "model and TransformerLens version."
+        )

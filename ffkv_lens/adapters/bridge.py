@@ -1,0 +1,195 @@
+"""TransformerLens 4.x backend: memories of a ``TransformerBridge``.
+
+The bridge exposes every supported family with the same hook aliases and weight
+accessors in TransformerLens orientation (``W_in``/``W_gate`` ``[d_model, d_mlp]``,
+``W_out`` ``[d_mlp, d_model]``); this module turns them into keys and values in the one
+ffkv_lens orientation ``[d_mlp, d_model]`` and resolves aliases to canonical hook names
+once, so a hook is never registered twice on one point.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.model_bridge.exceptions import StopAtLayerException
+
+from ffkv_lens.adapters.base import FwdHook, LayerHooks, MemoryAdapter
+from ffkv_lens.adapters.families import FamilySpec, family_for_architecture
+from ffkv_lens.errors import ConfigError, UnsupportedArchitectureError
+from ffkv_lens.types import AttentionMask, Keys, Logits, MemoryLogits, Residual, Tokens, ValueBias, Values
+
+__all__ = ["BridgeAdapter"]
+
+
+def _raise_stop(tensor: Tensor, hook: Any) -> None:
+    raise StopAtLayerException(tensor)
+
+
+class BridgeAdapter(MemoryAdapter):
+    """Key-value memories of a :class:`transformer_lens.model_bridge.TransformerBridge`.
+
+    Args:
+        model: A booted bridge (``ffkv_lens.load_model`` or ``TransformerBridge.boot_transformers``).
+        spec: The family; looked up from ``model.cfg.architecture`` when omitted.
+    """
+
+    def __init__(self, model: TransformerBridge, spec: FamilySpec | None = None) -> None:
+        self.model = model
+        self.spec = spec or family_for_architecture(str(model.cfg.architecture))
+        cfg = model.cfg
+        if bool(cfg.gated_mlp) != self.spec.gated:
+            raise UnsupportedArchitectureError(
+                f"{cfg.architecture} is registered as gated={self.spec.gated} but the model's "
+                f"config says gated_mlp={cfg.gated_mlp}; its FFN differs from the family's."
+            )
+        from transformers.activations import ACT2FN
+
+        self._act = ACT2FN[cfg.act_fn]
+        self._parallel = self.spec.layout == "parallel" and bool(cfg.parallel_attn_mlp)
+        self._hooks = [self._layer_hooks(layer) for layer in range(cfg.n_layers)]
+
+    # -- shape -----------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return int(self.model.cfg.n_layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.cfg.d_model)
+
+    @property
+    def d_mlp(self) -> int:
+        return int(self.model.blocks[0].mlp.W_out.shape[0])
+
+    @property
+    def d_vocab(self) -> int:
+        return int(self.model.W_U.shape[-1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.W_U.device
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.model.tokenizer
+
+    # -- hooks -----------------------------------------------------------------------------
+    def _canonical(self, layer: int, alias: str) -> str:
+        return self.model.hook_dict[f"blocks.{layer}.{alias}"].name
+
+    def _layer_hooks(self, layer: int) -> LayerHooks:
+        name = lambda alias: self._canonical(layer, alias)  # noqa: E731
+        if self.spec.layout == "post_norm":
+            before, after = name("mlp.hook_in"), name("ln2.hook_in")
+        elif self._parallel:
+            before, after = None, name("hook_resid_post")
+        else:
+            before, after = name("hook_resid_mid"), name("hook_resid_post")
+        return LayerHooks(
+            coefficients=name("mlp.hook_post"),
+            ffn_input=name("mlp.hook_in"),
+            ffn_output=name("hook_mlp_out"),
+            resid_before_ffn=before,
+            resid_after_ffn=after,
+            post_ffn_scale=name("ln2_post.hook_scale") if self.spec.post_ffn_norm else None,
+        )
+
+    def hook_names(self, layer: int) -> LayerHooks:
+        return self._hooks[self.check_layers(layer)[0]]
+
+    # -- weights ---------------------------------------------------------------------------
+    def _mlp(self, layer: int) -> Any:
+        return self.model.blocks[self.check_layers(layer)[0]].mlp
+
+    def keys(self, layer: int) -> Keys:
+        mlp = self._mlp(layer)
+        return (mlp.W_gate if self.spec.gated else mlp.W_in).detach().T
+
+    def up_keys(self, layer: int) -> Keys | None:
+        return self._mlp(layer).W_in.detach().T if self.spec.gated else None
+
+    def key_bias(self, layer: int) -> Tensor | None:
+        mlp = self._mlp(layer)
+        bias = mlp.b_gate if self.spec.gated else mlp.b_in
+        return None if bias is None else bias.detach()
+
+    def up_key_bias(self, layer: int) -> Tensor | None:
+        bias = self._mlp(layer).b_in if self.spec.gated else None
+        return None if bias is None else bias.detach()
+
+    def values(self, layer: int) -> Values:
+        w_out = self._mlp(layer).W_out.detach()
+        if self.spec.post_ffn_norm:
+            w_out = w_out * self._norm_gain(self.model.blocks[layer].ln2_post)
+        return w_out
+
+    def value_bias(self, layer: int) -> ValueBias | None:
+        bias = self._mlp(layer).b_out
+        return None if bias is None else bias.detach()
+
+    def activation(self, pre: Tensor) -> Tensor:
+        return self._act(pre)
+
+    def _norm_gain(self, norm: Any) -> Tensor:
+        return norm.original_component.weight.detach() + self.spec.norm_gain_offset
+
+    # -- running -----------------------------------------------------------------------------
+    def to_tokens(self, text: str | list[str], *, prepend_bos: bool | None = None) -> Tokens:
+        return self.model.to_tokens(text, prepend_bos=prepend_bos)
+
+    def run_with_hooks(
+        self,
+        tokens: Tokens,
+        fwd_hooks: Sequence[FwdHook],
+        *,
+        attention_mask: AttentionMask | None = None,
+        stop_after: str | None = None,
+    ) -> Logits | None:
+        hooks = list(fwd_hooks)
+        if stop_after is not None:
+            hooks.append((stop_after, _raise_stop))
+        with self.model.hooks(fwd_hooks=hooks):
+            out = self.model(tokens, attention_mask=attention_mask)
+        return None if stop_after is not None else out
+
+    def readout(self, resid: Residual) -> Logits:
+        model = self.model
+        x = resid
+        if self.spec.readout == "mlm_head":
+            x = self._act(model.mlm_head(x))
+        logits = model.unembed(model.ln_final(x))
+        cap = model.cfg.output_logits_soft_cap
+        if cap is not None and cap > 0:
+            logits = cap * torch.tanh(logits / cap)
+        return logits
+
+    @property
+    def value_readout_mode(self) -> str:
+        if self.spec.readout == "mlm_head":
+            return "mlm_head(v), centred over the vocabulary"
+        if self.model.cfg.normalization_type == "LN":
+            return "direction: (gamma_final * center(v)) @ W_U, centred over the vocabulary"
+        return "direction: (gamma_final * v) @ W_U, centred over the vocabulary"
+
+    def value_logits(self, layer: int, memories: Tensor | Sequence[int] | None = None) -> MemoryLogits:
+        vals = self.values(layer)
+        if memories is not None:
+            vals = vals[torch.as_tensor(memories, device=vals.device, dtype=torch.long)]
+        if self.spec.readout == "mlm_head":
+            logits = self.readout(vals)
+        else:
+            if self.model.cfg.normalization_type == "LN":
+                vals = vals - vals.mean(dim=-1, keepdim=True)
+            logits = (vals * self._norm_gain(self.model.ln_final)) @ self.model.W_U.detach()
+        # Centring over the vocabulary removes the per-memory constant that weight processing
+        # (centred unembedding) adds, so processed and raw weights give identical logits.
+        return logits - logits.mean(dim=-1, keepdim=True)
+
+
+def make_bridge_adapter(model: TransformerBridge) -> BridgeAdapter:
+    """Build the adapter of a bridge, with a clear error for a non-bridge object."""
+    if not isinstance(model, TransformerBridge):
+        raise ConfigError(f"Expected a TransformerBridge, got {type(model).__name__}.")
+    return BridgeAdapter(model)

@@ -1,0 +1,124 @@
+"""``MemoryLens``: the public face of ffkv_lens on one model.
+
+Example:
+    >>> import ffkv_lens as fk
+    >>> lens = fk.MemoryLens(fk.load_model("smollm2-135m"))  # doctest: +SKIP
+    >>> lens.n_layers, lens.d_mlp, lens.gated  # doctest: +SKIP
+    (30, 1536, True)
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+from jaxtyping import Float
+from torch import Tensor
+
+from ffkv_lens.adapters import LayerHooks, MemoryAdapter, make_adapter
+from ffkv_lens.types import AttentionMask, Coefficients, Keys, Logits, MemoryLogits, Residual, Tokens, ValueBias, Values
+
+__all__ = ["MemoryLens"]
+
+
+class MemoryLens:
+    """Every FFN layer of a model read as a bank of key-value memories.
+
+    Args:
+        model: A ``TransformerBridge`` (TransformerLens 4.x) or a :class:`MemoryAdapter`.
+
+    Attributes:
+        adapter: The backend- and family-specific adapter behind this lens.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.adapter: MemoryAdapter = make_adapter(model)
+
+    def __repr__(self) -> str:
+        return (
+            f"MemoryLens(architecture={self.architecture!r}, n_layers={self.n_layers}, "
+            f"d_model={self.d_model}, d_mlp={self.d_mlp}, d_vocab={self.d_vocab}, gated={self.gated})"
+        )
+
+    # -- layout ------------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        """Number of FFN layers."""
+        return self.adapter.n_layers
+
+    @property
+    def d_model(self) -> int:
+        """Residual stream width."""
+        return self.adapter.d_model
+
+    @property
+    def d_mlp(self) -> int:
+        """Memories per layer."""
+        return self.adapter.d_mlp
+
+    @property
+    def d_vocab(self) -> int:
+        """Vocabulary size."""
+        return self.adapter.d_vocab
+
+    @property
+    def architecture(self) -> str:
+        """Family name, e.g. ``"llama"``."""
+        return self.adapter.architecture
+
+    @property
+    def gated(self) -> bool:
+        """Whether each memory has a gate key and an up key."""
+        return self.adapter.gated
+
+    # -- memories ----------------------------------------------------------------------------
+    def keys(self, layer: int) -> Keys:
+        """Keys of ``layer`` (gate keys on gated MLPs), ``[d_mlp, d_model]``."""
+        return self.adapter.keys(layer)
+
+    def up_keys(self, layer: int) -> Keys | None:
+        """Up keys of a gated ``layer``, else ``None``."""
+        return self.adapter.up_keys(layer)
+
+    def values(self, layer: int) -> Values:
+        """Values of ``layer``: what each memory writes to the residual, ``[d_mlp, d_model]``."""
+        return self.adapter.values(layer)
+
+    def value_bias(self, layer: int) -> ValueBias | None:
+        """The FFN output bias of ``layer``, or ``None``."""
+        return self.adapter.value_bias(layer)
+
+    def coefficients(
+        self,
+        tokens: Tokens,
+        *,
+        layers: int | Sequence[int] | None = None,
+        attention_mask: AttentionMask | None = None,
+    ) -> dict[int, Coefficients]:
+        """Memory coefficients at ``mlp.hook_post``; the forward stops after the last layer asked."""
+        return self.adapter.coefficients(tokens, layers=layers, attention_mask=attention_mask)
+
+    def hook_names(self, layer: int) -> LayerHooks:
+        """Canonical hook names of ``layer`` used by the analyses."""
+        return self.adapter.hook_names(layer)
+
+    # -- vocabulary ----------------------------------------------------------------------------
+    def readout(self, resid: Residual) -> Logits:
+        """Logits of full residual states (final norm, unembedding, soft-cap)."""
+        return self.adapter.readout(resid)
+
+    def value_logits(self, layer: int, memories: Tensor | Sequence[int] | None = None) -> MemoryLogits:
+        """Direction-only projection of values into the vocabulary (mode: ``value_readout_mode``)."""
+        return self.adapter.value_logits(layer, memories)
+
+    @property
+    def value_readout_mode(self) -> str:
+        """Definition of :meth:`value_logits`, recorded with every result."""
+        return self.adapter.value_readout_mode
+
+    def ffn_output(
+        self,
+        layer: int,
+        coefficients: Float[Tensor, "*batch d_mlp"],
+        post_scale: Float[Tensor, "*batch 1"] | None = None,
+    ) -> Float[Tensor, "*batch d_model"]:
+        """Rebuild what the FFN adds to the residual from coefficients (see the adapter)."""
+        return self.adapter.ffn_output(layer, coefficients, post_scale)
