@@ -28,6 +28,7 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "llama": ("llama", dict(_DECODER, **_GQA)),
     "mistral": ("mistral", dict(_DECODER, **_GQA)),
     "qwen2": ("qwen2", dict(_DECODER, **_GQA)),
+    "qwen3": ("qwen3", dict(_DECODER, head_dim=8, **_GQA)),
     "gemma2": ("gemma2", dict(_DECODER, head_dim=8, final_logit_softcapping=5.0, **_GQA)),
     "gemma3": ("gemma3_text", dict(_DECODER, head_dim=8, **_GQA)),
     "phi": ("phi", dict(_DECODER, **_ATTN)),

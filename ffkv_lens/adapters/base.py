@@ -100,6 +100,20 @@ class MemoryAdapter(abc.ABC):
         """The model's Hugging Face tokenizer."""
 
     @property
+    @abc.abstractmethod
+    def model_name(self) -> str:
+        """Name or path the model was loaded from."""
+
+    @property
+    @abc.abstractmethod
+    def bos_token_id(self) -> int | None:
+        """BOS id when the model prepends BOS by default (the search does too), else None."""
+
+    @abc.abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """JSON-serialisable description of the model and adapter, recorded with results."""
+
+    @property
     def architecture(self) -> str:
         """Family name, e.g. ``"llama"``."""
         return self.spec.name

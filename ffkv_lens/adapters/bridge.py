@@ -75,6 +75,30 @@ class BridgeAdapter(MemoryAdapter):
     def tokenizer(self) -> Any:
         return self.model.tokenizer
 
+    @property
+    def model_name(self) -> str:
+        return str(getattr(self.model.cfg, "model_name", None) or self.model.cfg.architecture)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        if not self.model.cfg.default_prepend_bos:
+            return None
+        return self.tokenizer.bos_token_id
+
+    def describe(self) -> dict[str, Any]:
+        from importlib.metadata import version
+
+        return {
+            "backend": "TransformerBridge",
+            "transformer_lens": version("transformer-lens"),
+            "family": self.spec.name,
+            "hf_architecture": str(self.model.cfg.architecture),
+            "model_name": self.model_name,
+            "dtype": str(self.model.cfg.dtype),
+            "weights_processed": bool(getattr(self.model, "compatibility_mode", False)),
+            "value_readout": self.value_readout_mode,
+        }
+
     # -- hooks -----------------------------------------------------------------------------
     def _canonical(self, layer: int, alias: str) -> str:
         return self.model.hook_dict[f"blocks.{layer}.{alias}"].name

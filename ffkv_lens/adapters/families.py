@@ -127,6 +127,7 @@ for _spec in (
     FamilySpec("llama", ("LlamaForCausalLM",), gated=True, notes="gated SiLU, RMSNorm"),
     FamilySpec("mistral", ("MistralForCausalLM",), gated=True, notes="gated SiLU, RMSNorm"),
     FamilySpec("qwen2", ("Qwen2ForCausalLM",), gated=True, notes="gated SiLU, no BOS by default"),
+    FamilySpec("qwen3", ("Qwen3ForCausalLM",), gated=True, notes="gated SiLU, q/k norms"),
     FamilySpec(
         "gemma2",
         ("Gemma2ForCausalLM",),

@@ -1,4 +1,4 @@
-"""The TransformerBridge adapter on tiny random models of all twelve families.
+"""The TransformerBridge adapter on tiny random models of all thirteen registered families.
 
 Tolerances: fp32 identities are checked to 1e-5 relative (Frobenius); what they compare
 is computed by the same kernels up to summation order, so errors seen are <= 3e-7.

