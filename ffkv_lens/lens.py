@@ -96,6 +96,67 @@ class MemoryLens:
         """Memory coefficients at ``mlp.hook_post``; the forward stops after the last layer asked."""
         return self.adapter.coefficients(tokens, layers=layers, attention_mask=attention_mask)
 
+    def search_triggers(
+        self,
+        corpus: Any,
+        *,
+        k: int = 50,
+        unit: str = "sentence",
+        max_len: int = 128,
+        layers: int | Sequence[int] | None = None,
+        signed: bool = False,
+        exclude_bos: bool = True,
+        max_tokens: int | None = None,
+        batch_tokens: int = 2048,
+        checkpoint_dir: str | None = None,
+        checkpoint_every: int = 200_000,
+        progress: bool = True,
+    ) -> Any:
+        """Top-k trigger examples of every key over a corpus (the paper's section 3).
+
+        For each layer and key, the ``k`` units with the highest maximum coefficient (one example
+        per unit) and the peak position; ``signed=True`` also keeps the ``k`` most negative.
+        Exact: ties go to the lower unit id, and the result does not depend on ``batch_tokens``.
+
+        Args:
+            corpus: A :class:`ffkv_lens.Corpus`.
+            k: Examples per key (and per sign).
+            unit: ``"sentence"`` (the paper's), ``"document"`` (windowed at ``max_len``) or ``"window"``.
+            max_len: Longest unit in tokens, without BOS.
+            layers: Layers to search (default all); the forward stops after the last one.
+            signed: Also keep the bottom-k (gated MLPs have signed coefficients).
+            exclude_bos: Never count the BOS position as a peak (it dominates on modern models).
+            max_tokens: Stop after this many unit tokens.
+            batch_tokens: Padded tokens per forward pass (speed and memory only).
+            checkpoint_dir: Save state there every ``checkpoint_every`` tokens and resume from it.
+            checkpoint_every: Tokens between checkpoints.
+            progress: Show a progress bar.
+
+        Returns:
+            A :class:`ffkv_lens.TriggerAtlas`.
+
+        Example:
+            >>> atlas = lens.search_triggers(fk.Corpus.default(), max_tokens=20_000)  # doctest: +SKIP
+            >>> atlas.examples(layer=3, key=7)[0].prefix  # doctest: +SKIP
+        """
+        from ffkv_lens.analysis.triggers import search_triggers
+
+        return search_triggers(
+            self.adapter,
+            corpus,
+            k=k,
+            unit=unit,
+            max_len=max_len,
+            layers=None if layers is None else ([layers] if isinstance(layers, int) else list(layers)),
+            signed=signed,
+            exclude_bos=exclude_bos,
+            max_tokens=max_tokens,
+            batch_tokens=batch_tokens,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_every=checkpoint_every,
+            progress=progress,
+        )
+
     def hook_names(self, layer: int) -> LayerHooks:
         """Canonical hook names of ``layer`` used by the analyses."""
         return self.adapter.hook_names(layer)

@@ -1,0 +1,164 @@
+"""Trigger search throughput against the bare forward pass and the naive TransformerLens recipe.
+
+On the same batches of the default corpus (8 x 128-token windows, k=50, all layers), in one
+process, with the three methods interleaved batch by batch and repeated:
+
+(a) forward: the bare forward stopped after the last layer's coefficients (the limit);
+(b) search:  ``TriggerSearch.update`` (hooks reduce in place, threshold-gated top-k);
+(c) naive:   ``run_with_cache`` of every ``hook_post``, then concat + ``torch.topk`` per layer.
+
+Peak RSS of a whole ``search_triggers`` over N and 4N tokens is measured in fresh subprocesses.
+
+Usage:
+    python benchmarks/trigger_search.py --model smollm2-135m --tokens 8192 --out bench.json
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_batches(lens, n_tokens: int, batch_units: int, window: int) -> list:
+    from ffkv_lens.corpus import Corpus, iter_batches, iter_units
+
+    units = iter_units(Corpus.default(), lens.adapter.tokenizer, unit="window", max_len=window, max_tokens=n_tokens)
+    full = [u for u in units if len(u.token_ids) == window]
+    return list(iter_batches(full, batch_units=batch_units, bos_token_id=lens.adapter.bos_token_id))
+
+
+def forward_only(lens, batch) -> None:
+    adapter = lens.adapter
+    stop = adapter.hook_names(lens.n_layers - 1).coefficients
+    adapter.run_with_hooks(batch.tokens.to(adapter.device), [], attention_mask=batch.attention_mask, stop_after=stop)
+
+
+class Naive:
+    """The recipe a TransformerLens user writes today: cache every hook_post, then topk per batch."""
+
+    def __init__(self, lens, k: int) -> None:
+        self.lens, self.k = lens, k
+        self.names = [lens.hook_names(layer).coefficients for layer in range(lens.n_layers)]
+        d, dev = lens.d_mlp, lens.adapter.device
+        self.values = [torch.full((d, k), float("-inf"), device=dev) for _ in self.names]
+        self.units = [torch.full((d, k), -1, dtype=torch.long, device=dev) for _ in self.names]
+        self.seen = 0
+
+    def update(self, batch) -> None:
+        model = self.lens.adapter.model
+        tokens = batch.tokens.to(self.lens.adapter.device)
+        _, cache = model.run_with_cache(tokens, names_filter=self.names, attention_mask=batch.attention_mask)
+        mask = batch.attention_mask.bool().to(tokens.device)
+        mask[:, 0] = False
+        ids = batch.unit_ids.to(tokens.device)
+        for i, name in enumerate(self.names):
+            m = cache[name].masked_fill(~mask[..., None], float("-inf")).amax(dim=1).T  # [d_mlp, batch]
+            vals = torch.cat([self.values[i], m], dim=1)
+            units = torch.cat([self.units[i], ids.expand(m.shape[0], -1)], dim=1)
+            top = torch.topk(vals, self.k, dim=1)
+            self.values[i], self.units[i] = top.values, units.gather(1, top.indices)
+
+
+def interleaved(lens, batches, k: int, reps: int) -> dict:
+    from ffkv_lens.analysis.triggers import SearchConfig, TriggerSearch
+
+    device = lens.adapter.device
+    tokens = sum(int(b.lengths.sum()) for b in batches)
+    rates = {"forward": [], "search": [], "naive": []}
+    for rep in range(reps):
+        search = TriggerSearch(lens.adapter, SearchConfig(k=k, unit="window", max_len=128), {"name": "bench"})
+        naive = Naive(lens, k)
+        spent = dict.fromkeys(rates, 0.0)
+        runners = {"forward": lambda b: forward_only(lens, b), "search": search.update, "naive": naive.update}
+        for i, batch in enumerate(batches):
+            order = list(runners)[i % 3 :] + list(runners)[: i % 3]  # rotate who goes first
+            for name in order:
+                _sync(device)
+                start = time.perf_counter()
+                runners[name](batch)
+                _sync(device)
+                spent[name] += time.perf_counter() - start
+        for name in rates:
+            rates[name].append(tokens / spent[name])
+        print(f"rep {rep}: " + ", ".join(f"{n} {r[-1]:.0f} tok/s" for n, r in rates.items()), file=sys.stderr)
+    return rates
+
+
+RSS_SCRIPT = """
+import resource, sys, torch
+import ffkv_lens as fk
+from ffkv_lens.corpus import Corpus
+torch.set_num_threads({threads})
+lens = fk.MemoryLens(fk.load_model({model!r}, device={device!r}))
+lens.search_triggers(Corpus.default(), unit="window", max_len=128, max_tokens={tokens}, k=50, progress=False)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def peak_rss_mb(model: str, device: str, tokens: int) -> float:
+    script = RSS_SCRIPT.format(model=model, device=device, tokens=tokens, threads=torch.get_num_threads())
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--tokens", type=int, default=8192, help="tokens per repetition (N)")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--k", type=int, default=50)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args(argv)
+
+    import ffkv_lens as fk
+
+    lens = fk.MemoryLens(fk.load_model(args.model, device=args.device))
+    batches = make_batches(lens, args.tokens, batch_units=8, window=128)
+    with torch.no_grad():
+        for batch in batches[:1]:  # warm-up (allocator, kernels)
+            forward_only(lens, batch)
+        rates = interleaved(lens, batches, args.k, args.reps)
+    med = {name: statistics.median(values) for name, values in rates.items()}
+    result = {
+        "model": args.model,
+        "device": args.device,
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "tokens": sum(int(b.lengths.sum()) for b in batches),
+        "batch": f"8 x 128 tokens (windows of the default corpus), k={args.k}, all {lens.n_layers} layers",
+        "reps": args.reps,
+        "tokens_per_s_forward": med["forward"],
+        "tokens_per_s_search": med["search"],
+        "tokens_per_s_naive": med["naive"],
+        "ratio_vs_forward": med["search"] / med["forward"],
+        "ratio_vs_naive": med["search"] / med["naive"],
+        "raw_tokens_per_s": rates,
+    }
+    if not args.no_rss:
+        small, large = (
+            peak_rss_mb(args.model, args.device, args.tokens),
+            peak_rss_mb(args.model, args.device, 4 * args.tokens),
+        )
+        result.update(peak_rss_small_mb=small, peak_rss_large_mb=large, rss_growth=large / small)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "raw_tokens_per_s"}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,6 @@
+"""The analysis core: everything here sees models only through ``MemoryAdapter``.
+
+- :mod:`ffkv_lens.analysis.triggers`: streaming top-k trigger search (paper section 3).
+- :mod:`ffkv_lens.analysis.atlas`: the trigger atlas and its storage.
+- :mod:`ffkv_lens.analysis.checkpoint`: resumable search state.
+"""

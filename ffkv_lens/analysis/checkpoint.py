@@ -1,0 +1,85 @@
+"""Checkpoints of a trigger search: written atomically, resumed only with the same settings.
+
+A checkpoint is ``<dir>/checkpoint/`` holding ``state.safetensors`` (every top-k table and the
+tokens of referenced units) and ``progress.json`` (how far the search got and the identity of
+the search: settings, corpus fingerprint, model). It is replaced as a whole by a rename, so a
+run killed at any moment (even SIGKILL) leaves either the previous checkpoint or the new one.
+"""
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ffkv_lens.analysis.atlas import UnitStore
+from ffkv_lens.errors import CheckpointMismatchError
+from ffkv_lens.kernels import TopKState
+from ffkv_lens.storage import atomic_folder, read_json
+
+__all__ = ["read_checkpoint", "write_checkpoint"]
+
+_FIELDS = ("values", "units", "positions")
+
+
+def write_checkpoint(folder: Path, search: Any) -> None:
+    """Write ``search``'s state to ``folder/checkpoint`` atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for prefix, tables in (("top", search.top), ("bottom", search.bottom or {})):
+        for layer, state in tables.items():
+            for name in _FIELDS:
+                tensors[f"{prefix}.{layer}.{name}"] = getattr(state, name).detach().contiguous().cpu()
+    units = UnitStore.from_units(search._units)
+    tensors.update({f"units.{name}": t.contiguous() for name, t in units.tensors().items()})
+    tensors["corpus.next_token_counts"] = search.next_token_counts.contiguous()
+    progress = search.progress
+    record = {
+        "identity": search.identity(),
+        "progress": {"units": progress.units, "tokens": progress.tokens, "batches": progress.batches},
+        "seconds": progress.seconds,
+        "has_bos": search._has_bos,
+    }
+    with atomic_folder(folder / "checkpoint") as tmp:
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "progress.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def read_checkpoint(folder: Path, search: Any) -> bool:
+    """Restore ``search`` from ``folder/checkpoint``; False when there is none.
+
+    Raises:
+        CheckpointMismatchError: If the checkpoint was written by a search with other settings,
+            another corpus or another model; the message lists what differs.
+    """
+    from safetensors.torch import load_file
+
+    path = folder / "checkpoint"
+    if not (path / "progress.json").exists():
+        return False
+    record = read_json(path / "progress.json")
+    _check_identity(record["identity"], search.identity(), folder)
+    tensors = load_file(str(path / "state.safetensors"), device=str(search.adapter.device))
+    for prefix, tables in (("top", search.top), ("bottom", search.bottom or {})):
+        for layer in tables:
+            tables[layer] = TopKState(*(tensors[f"{prefix}.{layer}.{name}"] for name in _FIELDS))
+    units = UnitStore(**{name: tensors[f"units.{name}"].cpu() for name in ("unit_ids", "doc_ids", "offsets", "tokens")})
+    search._units = {int(u): units.get(int(u)) for u in units.unit_ids.tolist()}
+    search.next_token_counts = tensors["corpus.next_token_counts"].cpu()
+    search.progress.units = record["progress"]["units"]
+    search.progress.tokens = record["progress"]["tokens"]
+    search.progress.batches = record["progress"]["batches"]
+    search.progress.seconds = record["seconds"]
+    search._has_bos = record["has_bos"]
+    return True
+
+
+def _check_identity(saved: dict[str, Any], current: dict[str, Any], folder: Path) -> None:
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key) != current.get(key):
+            diffs.append(f"{key}: checkpoint {saved.get(key)!r} vs now {current.get(key)!r}")
+    if diffs:
+        raise CheckpointMismatchError(
+            f"The checkpoint in {folder} was written by a different search; differing: {'; '.join(diffs)}. "
+            "Use the same arguments to resume, or another checkpoint_dir to start afresh."
+        )

@@ -1,0 +1,282 @@
+"""Streaming top-k trigger search (Geva et al. 2021, section 3).
+
+For every key of every requested layer, keep the ``k`` units with the highest maximum
+coefficient (and, with ``signed=True``, the ``k`` with the lowest), one example per unit,
+with the peak position. The reduction happens inside the forward hooks, one layer at a
+time (activations of all layers are never cached), the forward stops after the last
+requested layer, and the top-k update is threshold-gated (``ffkv_lens.kernels``).
+
+Ranking: coefficient descending, ties to the lower unit id; within a unit the first
+position attaining the maximum. The result does not depend on the batch size.
+"""
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from ffkv_lens.analysis.atlas import LayerTopK, TriggerAtlas, UnitStore, tokenizer_fingerprint
+from ffkv_lens.errors import ConfigError
+from ffkv_lens.kernels import TopKState, update_topk
+
+__all__ = ["SearchConfig", "TriggerSearch", "search_triggers"]
+
+log = logging.getLogger(__name__)
+UnitKind = Literal["sentence", "document", "window"]
+_UNITS = ("sentence", "document", "window")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Every setting of a trigger search that changes its result.
+
+    Attributes:
+        k: Examples kept per key (and per sign).
+        unit: ``"sentence"`` (the paper's), ``"document"`` or ``"window"``.
+        max_len: Longest unit in tokens (without BOS); longer units are split or cut (docs/corpus.md).
+        layers: Layers searched (sorted), or None for all.
+        signed: Also keep the bottom-k (most negative coefficients).
+        exclude_bos: Never take the BOS position as a peak.
+        max_tokens: Stop after this many unit tokens (None: the whole corpus).
+    """
+
+    k: int = 50
+    unit: UnitKind = "sentence"
+    max_len: int = 128
+    layers: tuple[int, ...] | None = None
+    signed: bool = False
+    exclude_bos: bool = True
+    max_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.k, int) or self.k < 1:
+            raise ConfigError(f"k={self.k!r}; pass a positive integer (the paper used 25 and 50).")
+        if self.unit not in _UNITS:
+            raise ConfigError(f"unit={self.unit!r}; allowed: {_UNITS}.")
+        if not isinstance(self.max_len, int) or self.max_len < 2:
+            raise ConfigError(f"max_len={self.max_len!r}; pass an integer >= 2.")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            raise ConfigError(f"max_tokens={self.max_tokens!r}; pass a positive integer or None.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable settings."""
+        out = asdict(self)
+        out["layers"] = None if self.layers is None else list(self.layers)
+        return out
+
+
+@dataclass
+class _Progress:
+    units: int = 0
+    tokens: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class TriggerSearch:
+    """The state of one trigger search; feed it batches, then take the atlas.
+
+    Args:
+        adapter: The model's :class:`~ffkv_lens.adapters.MemoryAdapter`.
+        config: The search settings.
+        corpus_info: The corpus description recorded in the manifest (with its fingerprint).
+    """
+
+    def __init__(self, adapter: Any, config: SearchConfig, corpus_info: dict[str, Any]) -> None:
+        self.adapter, self.config, self.corpus_info = adapter, config, corpus_info
+        self.layers = adapter.check_layers(None if config.layers is None else list(config.layers))
+        dev = adapter.device
+        # Compare in float64 for float64 models, else float32 (bf16/fp16 coefficients are upcast).
+        self.dtype = torch.float64 if adapter.keys(self.layers[0]).dtype == torch.float64 else torch.float32
+        self.top = {layer: TopKState.empty(adapter.d_mlp, config.k, dev, self.dtype) for layer in self.layers}
+        self.bottom = (
+            {layer: TopKState.empty(adapter.d_mlp, config.k, dev, self.dtype) for layer in self.layers}
+            if config.signed
+            else None
+        )
+        self.progress = _Progress()
+        # How often each token is the next token of some candidate position (a unit's tokens
+        # after its first): the corpus unigram of next tokens, for the agreement baseline.
+        self.next_token_counts = torch.zeros(adapter.d_vocab, dtype=torch.int64)
+        self._units: dict[int, tuple[int, list[int]]] = {}
+        self._hook_layer = {adapter.hook_names(layer).coefficients: layer for layer in self.layers}
+        self._stop = adapter.hook_names(self.layers[-1]).coefficients
+        self._has_bos: bool | None = None
+
+    # -- the hot loop ----------------------------------------------------------------------
+    def update(self, batch: Any) -> None:
+        """Run one batch of units through the model and merge its candidates into the top-k."""
+        dev = self.adapter.device
+        tokens = batch.tokens.to(dev)
+        mask = batch.attention_mask.to(dev)
+        valid = mask.bool()
+        if batch.has_bos and self.config.exclude_bos:
+            valid[:, 0] = False
+        unit_ids = batch.unit_ids.to(dev)
+        self._has_bos = bool(batch.has_bos)
+
+        def reduce(m: Tensor, hook: Any) -> None:
+            layer = self._hook_layer[hook.name]
+            m = m.detach().to(self.dtype)
+            self.top[layer] = update_topk(self.top[layer], m, valid, unit_ids)
+            if self.bottom is not None:
+                self.bottom[layer] = update_topk(self.bottom[layer], -m, valid, unit_ids)
+
+        start = time.perf_counter()
+        with torch.no_grad():
+            self.adapter.run_with_hooks(
+                tokens, [(name, reduce) for name in self._hook_layer], attention_mask=mask, stop_after=self._stop
+            )
+        self.progress.seconds += time.perf_counter() - start
+        for unit in batch.units:
+            self._units[unit.unit_id] = (unit.doc_id, list(unit.token_ids))
+            if len(unit.token_ids) > 1:
+                ids = torch.as_tensor(unit.token_ids[1:], dtype=torch.int64)
+                self.next_token_counts += torch.bincount(ids, minlength=self.next_token_counts.numel())
+        self.progress.units += len(batch.units)
+        self.progress.tokens += int(sum(batch.lengths))
+        self.progress.batches += 1
+
+    def prune_units(self) -> None:
+        """Forget the tokens of units no longer referenced by any top-k table."""
+        referenced = set()
+        for tables in (self.top, self.bottom or {}):
+            for state in tables.values():
+                referenced.update(torch.unique(state.units).tolist())
+        self._units = {u: v for u, v in self._units.items() if u in referenced}
+
+    # -- results -----------------------------------------------------------------------------
+    def to_atlas(self, model_name: str | None = None) -> TriggerAtlas:
+        """The atlas of everything seen so far (positions converted to unit-own token indices)."""
+        self.prune_units()
+        shift = 1 if self._has_bos else 0
+
+        def table(state: TopKState, sign: int) -> LayerTopK:
+            positions = torch.where(state.units >= 0, state.positions.long() - shift, -1)
+            return LayerTopK(sign * state.values.cpu(), state.units.cpu(), positions.cpu())
+
+        top = {layer: table(state, 1) for layer, state in self.top.items()}
+        bottom = None if self.bottom is None else {layer: table(s, -1) for layer, s in self.bottom.items()}
+        units = UnitStore.from_units(self._units)
+        counts = self.next_token_counts.clone()
+        return TriggerAtlas(top, bottom, units, self.manifest(model_name), self.adapter.tokenizer, counts)
+
+    def manifest(self, model_name: str | None = None) -> dict[str, Any]:
+        """Everything needed to interpret and reproduce the atlas."""
+        adapter = self.adapter
+        return {
+            "model": model_name or adapter.model_name,
+            "model_layout": {"n_layers": adapter.n_layers, "d_mlp": adapter.d_mlp, "d_vocab": adapter.d_vocab},
+            "adapter": adapter.describe(),
+            "tokenizer_fingerprint": tokenizer_fingerprint(adapter.tokenizer),
+            "corpus": self.corpus_info,
+            "settings": dict(self.config.to_dict(), layers=self.layers, has_bos=bool(self._has_bos)),
+            "progress": {
+                "units": self.progress.units,
+                "tokens": self.progress.tokens,
+                "batches": self.progress.batches,
+            },
+            "versions": _versions(),
+        }
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def identity(self) -> dict[str, Any]:
+        """What must match for a checkpoint to be resumed."""
+        adapter = self.adapter
+        return {
+            "settings": self.config.to_dict(),
+            "layers": self.layers,
+            "corpus_fingerprint": self.corpus_info.get("fingerprint"),
+            "model": adapter.model_name,
+            "model_layout": {"n_layers": adapter.n_layers, "d_mlp": adapter.d_mlp, "d_vocab": adapter.d_vocab},
+            "tokenizer_fingerprint": tokenizer_fingerprint(adapter.tokenizer),
+        }
+
+    def save_checkpoint(self, folder: str | Path) -> None:
+        """Write the whole state atomically to ``folder/checkpoint``."""
+        from ffkv_lens.analysis.checkpoint import write_checkpoint
+
+        self.prune_units()
+        write_checkpoint(Path(folder), self)
+
+    def load_checkpoint(self, folder: str | Path) -> bool:
+        """Restore from ``folder/checkpoint`` if present; returns whether anything was restored."""
+        from ffkv_lens.analysis.checkpoint import read_checkpoint
+
+        return read_checkpoint(Path(folder), self)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for package in ("ffkv-lens", "transformer-lens", "torch", "transformers"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = "not installed"
+    return out
+
+
+def _batches(corpus: Any, adapter: Any, config: SearchConfig, batch_tokens: int, skip_units: int) -> Iterator[Any]:
+    from ffkv_lens.corpus import iter_batches, iter_units
+
+    units = iter_units(
+        corpus, adapter.tokenizer, unit=config.unit, max_len=config.max_len, max_tokens=config.max_tokens
+    )
+    if skip_units:
+        units = (unit for unit in units if unit.unit_id >= skip_units)
+    tok = adapter.tokenizer
+    bos = adapter.bos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    yield from iter_batches(units, batch_tokens=batch_tokens, bos_token_id=bos, pad_token_id=pad)
+
+
+def search_triggers(
+    adapter: Any,
+    corpus: Any,
+    *,
+    k: int = 50,
+    unit: UnitKind = "sentence",
+    max_len: int = 128,
+    layers: int | list[int] | None = None,
+    signed: bool = False,
+    exclude_bos: bool = True,
+    max_tokens: int | None = None,
+    batch_tokens: int = 2048,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 200_000,
+    progress: bool = True,
+) -> TriggerAtlas:
+    """Find the top-k trigger examples of every key; see :meth:`ffkv_lens.MemoryLens.search_triggers`."""
+    chosen = adapter.check_layers(layers)
+    config = SearchConfig(k, unit, max_len, tuple(chosen), signed, exclude_bos, max_tokens)
+    search = TriggerSearch(adapter, config, corpus.describe())
+    if checkpoint_dir is not None and search.load_checkpoint(checkpoint_dir):
+        log.info("resuming from %s after %d units", checkpoint_dir, search.progress.units)
+    bar = _progress_bar(progress, max_tokens, search.progress.tokens)
+    since = search.progress.tokens
+    for batch in _batches(corpus, adapter, config, batch_tokens, search.progress.units):
+        search.update(batch)
+        bar.update(int(sum(batch.lengths)))
+        if checkpoint_dir is not None and search.progress.tokens - since >= checkpoint_every:
+            search.save_checkpoint(checkpoint_dir)
+            since = search.progress.tokens
+        elif search.progress.batches % 64 == 0:
+            search.prune_units()
+    bar.close()
+    if checkpoint_dir is not None:
+        search.save_checkpoint(checkpoint_dir)
+    return search.to_atlas()
+
+
+def _progress_bar(enabled: bool, total: int | None, initial: int) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="tok", unit_scale=True, desc="trigger search", disable=not enabled)

@@ -1,0 +1,145 @@
+"""Fast kernels and their pure-torch twins, picked by device.
+
+Every kernel has a reference in torch (:mod:`ffkv_lens.kernels.topk`) and may have a Triton twin with
+the same signature (:mod:`ffkv_lens.kernels.topk_triton`). The functions here dispatch on the device
+of their tensors: Triton on CUDA when ``triton`` imports, the reference otherwise. The environment
+variable ``FFKV_LENS_KERNELS`` overrides the choice (read at every call):
+
+- ``auto`` (or unset): the rule above.
+- ``reference``: always the torch reference.
+- ``triton``: always Triton; on the CPU this works only under ``TRITON_INTERPRET=1`` (set before
+  ``triton`` is first imported), which is how the parity tests run without a GPU.
+
+Example:
+    >>> import torch
+    >>> from ffkv_lens.kernels import TopKState, active_implementation, update_topk
+    >>> active_implementation("cpu")
+    'reference'
+    >>> state = TopKState.empty(d_mlp=4, k=3)
+    >>> m, valid = torch.randn(2, 5, 4), torch.ones(2, 5, dtype=torch.bool)
+    >>> state = update_topk(state, m, valid, unit_ids=torch.tensor([10, 11]))
+    >>> state.units[:, 2].tolist()
+    [-1, -1, -1, -1]
+"""
+
+import functools
+import importlib
+import logging
+import os
+from types import ModuleType
+from typing import Literal, get_args
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from ffkv_lens.errors import ConfigError
+from ffkv_lens.kernels import topk as _reference
+from ffkv_lens.kernels.topk import TopKState, UnitPeaks, merge_states
+
+__all__ = [
+    "KERNELS_ENV",
+    "Implementation",
+    "TopKState",
+    "UnitPeaks",
+    "active_implementation",
+    "merge_states",
+    "merge_topk",
+    "reduce_units",
+    "update_topk",
+]
+
+logger = logging.getLogger(__name__)
+
+KERNELS_ENV = "FFKV_LENS_KERNELS"
+"""Environment variable forcing an implementation: ``auto``, ``reference`` or ``triton``."""
+
+Implementation = Literal["reference", "triton"]
+_Choice = Literal["auto", "reference", "triton"]
+
+
+def active_implementation(device: torch.device | str) -> Implementation:
+    """Which implementation the dispatcher uses for tensors on ``device``.
+
+    Args:
+        device: A torch device or its name, e.g. ``"cpu"`` or ``"cuda:0"``.
+
+    Returns:
+        ``"triton"`` or ``"reference"``.
+
+    Raises:
+        ConfigError: ``FFKV_LENS_KERNELS`` has an unknown value, or forces Triton where it cannot run.
+    """
+    device = torch.device(device)
+    choice = _env_choice()
+    if choice == "reference":
+        return "reference"
+    if choice == "triton":
+        _require_triton(device)
+        return "triton"
+    if device.type == "cuda" and _triton_backend() is not None:
+        return "triton"
+    return "reference"
+
+
+def reduce_units(m: Float[Tensor, "batch pos d_mlp"], valid: Bool[Tensor, "batch pos"]) -> UnitPeaks:
+    """Each unit's peak per key; see :func:`ffkv_lens.kernels.topk.reduce_units`."""
+    return _backend(m.device).reduce_units(m, valid)
+
+
+def merge_topk(
+    state: TopKState,
+    cand_values: Float[Tensor, "batch d_mlp"],
+    cand_positions: Int[Tensor, "batch d_mlp"],
+    unit_ids: Int[Tensor, " batch"],
+) -> TopKState:
+    """Merge candidates into the top-k; see :func:`ffkv_lens.kernels.topk.merge_topk`."""
+    return _backend(cand_values.device).merge_topk(state, cand_values, cand_positions, unit_ids)
+
+
+def update_topk(
+    state: TopKState,
+    m: Float[Tensor, "batch pos d_mlp"],
+    valid: Bool[Tensor, "batch pos"],
+    unit_ids: Int[Tensor, " batch"],
+) -> TopKState:
+    """Stream a batch into the top-k; see :func:`ffkv_lens.kernels.topk.update_topk`."""
+    return _backend(m.device).update_topk(state, m, valid, unit_ids)
+
+
+def _backend(device: torch.device) -> ModuleType:
+    backend = _triton_backend() if active_implementation(device) == "triton" else None
+    return backend or _reference
+
+
+def _env_choice() -> _Choice:
+    value = os.environ.get(KERNELS_ENV, "auto").strip().lower() or "auto"
+    if value not in get_args(_Choice):
+        raise ConfigError(
+            f"{KERNELS_ENV}={os.environ[KERNELS_ENV]!r} is not one of {list(get_args(_Choice))}; "
+            f"unset it or pick one of those."
+        )
+    return value  # type: ignore[return-value]
+
+
+def _require_triton(device: torch.device) -> None:
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(
+            f"{KERNELS_ENV}=triton with tensors on {device}: Triton runs on CUDA, or on the CPU only with "
+            f"TRITON_INTERPRET=1 set before triton is imported; move the tensors to CUDA or unset {KERNELS_ENV}."
+        )
+    if _triton_backend() is None:
+        raise ConfigError(
+            f"{KERNELS_ENV}=triton but triton cannot be imported; install it (pip install triton) "
+            f"or set {KERNELS_ENV}=reference."
+        )
+
+
+@functools.cache
+def _triton_backend() -> ModuleType | None:
+    """The Triton implementation module, or None (logged once) if triton does not import."""
+    try:
+        return importlib.import_module("ffkv_lens.kernels.topk_triton")
+    except ImportError as error:
+        logger.info("Triton kernels unavailable (%s); using the torch reference.", error)
+        return None
