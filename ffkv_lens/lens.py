@@ -108,6 +108,7 @@ class MemoryLens:
         exclude_bos: bool = True,
         max_tokens: int | None = None,
         batch_tokens: int = 2048,
+        device: str | None = None,
         checkpoint_dir: str | None = None,
         checkpoint_every: int = 200_000,
         progress: bool = True,
@@ -128,6 +129,7 @@ class MemoryLens:
             exclude_bos: Never count the BOS position as a peak (it dominates on modern models).
             max_tokens: Stop after this many unit tokens.
             batch_tokens: Padded tokens per forward pass (speed and memory only).
+            device: Must be the model's device if given (the search runs where the model is).
             checkpoint_dir: Save state there every ``checkpoint_every`` tokens and resume from it.
             checkpoint_every: Tokens between checkpoints.
             progress: Show a progress bar.
@@ -152,6 +154,7 @@ class MemoryLens:
             exclude_bos=exclude_bos,
             max_tokens=max_tokens,
             batch_tokens=batch_tokens,
+            device=device,
             checkpoint_dir=checkpoint_dir,
             checkpoint_every=checkpoint_every,
             progress=progress,

@@ -250,11 +250,13 @@ def search_triggers(
     exclude_bos: bool = True,
     max_tokens: int | None = None,
     batch_tokens: int = 2048,
+    device: str | torch.device | None = None,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 200_000,
     progress: bool = True,
 ) -> TriggerAtlas:
     """Find the top-k trigger examples of every key; see :meth:`ffkv_lens.MemoryLens.search_triggers`."""
+    _check_device(adapter, device)
     chosen = adapter.check_layers(layers)
     config = SearchConfig(k, unit, max_len, tuple(chosen), signed, exclude_bos, max_tokens)
     search = TriggerSearch(adapter, config, corpus.describe())
@@ -274,6 +276,19 @@ def search_triggers(
     if checkpoint_dir is not None:
         search.save_checkpoint(checkpoint_dir)
     return search.to_atlas()
+
+
+def _check_device(adapter: Any, device: str | torch.device | None) -> None:
+    """The search runs where the model is; refuse a different device instead of moving the user's model."""
+    if device is None:
+        return
+    wanted = torch.device(device)
+    have = adapter.device
+    if wanted.type != have.type or (wanted.index is not None and wanted.index != have.index):
+        raise ConfigError(
+            f"device={str(device)!r} but the model is on {have}; the search runs where the model is. "
+            f"Load the model there (ffkv_lens.load_model(name, device={str(device)!r})) or pass device=None."
+        )
 
 
 def _progress_bar(enabled: bool, total: int | None, initial: int) -> Any:

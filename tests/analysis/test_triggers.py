@@ -229,3 +229,11 @@ def test_next_token_counts_are_the_corpus_unigram(tiny_bridge) -> None:
             expected[token] += 1
     assert torch.equal(atlas.next_token_counts, expected)
     assert int(expected.sum()) > 0
+
+
+def test_device_other_than_the_models_is_refused(tiny_bridge) -> None:
+    from ffkv_lens.errors import ConfigError
+
+    lens = MemoryLens(tiny_bridge("gpt2"))
+    with pytest.raises(ConfigError, match="device='meta' but the model is on cpu"):
+        lens.search_triggers(Corpus.from_texts(TEXTS), device="meta", progress=False)
