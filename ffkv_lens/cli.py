@@ -1,7 +1,8 @@
 """The ``ffkv-lens`` command line.
 
-Subcommands so far: ``models`` (the embedded models and their state) and ``layout`` (load a
-model and print its memory layout). ``main(argv)`` is callable from tests.
+Subcommands: ``models`` (the embedded models and their state), ``layout`` (load a model and
+print its memory layout) and ``run`` (the whole study into a run folder). ``main(argv)`` is
+callable from tests.
 
 Example:
     $ ffkv-lens layout --model smollm2-135m
@@ -30,7 +31,65 @@ def _parser() -> argparse.ArgumentParser:
     layout.add_argument("--model", default="smollm2-135m", help="embedded name, local HF folder or hub name")
     layout.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     layout.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
+    _add_run(sub)
     return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def _tokens(text: str) -> int | None:
+    return None if text == "all" else _positive(text)
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    from ffkv_lens.pipeline import RunConfig
+
+    d = RunConfig()
+    run = sub.add_parser(
+        "run",
+        help="trigger search and every analysis of the paper into a run folder (resumable)",
+        description="Run the whole study on a model and corpus into --out. Re-running resumes an interrupted "
+        "run; a finished run is not overwritten without --force.",
+    )
+    run.add_argument("--model", default=d.model, help=f"embedded name, HF folder or hub name (default {d.model})")
+    run.add_argument("--corpus", default=d.corpus, help="default | PATH (.txt, folder, .jsonl) | hf:NAME")
+    run.add_argument("--unit", default=d.unit, choices=["sentence", "document", "window"])
+    run.add_argument("--k", type=_positive, default=d.k, help="trigger examples per key")
+    run.add_argument("--max-len", type=_positive, default=d.max_len, help="longest unit in tokens")
+    run.add_argument("--max-tokens", type=_tokens, default=d.max_tokens, help="search budget in tokens, or 'all'")
+    run.add_argument("--unsigned", action="store_true", help="keep only top-k (not bottom-k) triggers")
+    run.add_argument("--top-k", type=_positive, default=d.top_k, help="tokens kept per value")
+    run.add_argument("--keys-per-layer", type=_positive, default=d.keys_per_layer, help="mutation test keys")
+    run.add_argument("--examples", type=_positive, default=d.examples, help="mutation test examples per key")
+    run.add_argument("--positions", type=_positive, default=d.positions, help="positions for section-5 dynamics")
+    run.add_argument("--seed", type=int, default=d.seed)
+    run.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    run.add_argument("--dtype", default=d.dtype, choices=["float32", "float64", "bfloat16", "float16"])
+    run.add_argument("--batch-tokens", type=_positive, default=d.batch_tokens, help="padded tokens per forward")
+    run.add_argument("--out", required=True, help="the run folder")
+    run.add_argument("--force", action="store_true", help="redo a finished run in --out")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from ffkv_lens.pipeline import RunConfig, run_study
+
+    config = RunConfig(
+        model=args.model, corpus=args.corpus, unit=args.unit, k=args.k, max_len=args.max_len,
+        max_tokens=args.max_tokens, signed=not args.unsigned, top_k=args.top_k,
+        keys_per_layer=args.keys_per_layer, examples=args.examples, positions=args.positions, seed=args.seed,
+        device=args.device, dtype=args.dtype, batch_tokens=args.batch_tokens,
+    )  # fmt: skip
+    start = time.perf_counter()
+    folder = run_study(config, args.out, force=args.force, say=lambda line: print(line, flush=True))
+    print(f"finished in {(time.perf_counter() - start) / 60:.1f} min: {folder}")
+    for figure in sorted((folder / "figures").glob("*.png")):
+        print(f"  {figure}")
+    return 0
 
 
 def _cmd_models() -> int:
@@ -73,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "models":
             return _cmd_models()
+        if args.command == "run":
+            return _cmd_run(args)
         return _cmd_layout(args.model, args.device, args.dtype)
     except FfkvLensError as err:
         print(f"ffkv-lens: error: {err}", file=sys.stderr)

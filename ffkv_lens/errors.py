@@ -18,6 +18,7 @@ __all__ = [
     "HookNotFiredError",
     "ModelNotAvailableError",
     "ModelConversionError",
+    "RunFolderError",
     "UnsupportedArchitectureError",
 ]
 
@@ -60,3 +61,7 @@ class AtlasMismatchError(FfkvLensError):
 
 class CheckpointMismatchError(FfkvLensError):
     """A checkpoint folder belongs to a search with other settings, corpus or model."""
+
+
+class RunFolderError(FfkvLensError):
+    """A run folder is finished, or belongs to a run with other settings or another model."""

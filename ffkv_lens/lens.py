@@ -160,6 +160,17 @@ class MemoryLens:
             progress=progress,
         )
 
+    def project_values(self, *, top_k: int = 10, layers: int | Sequence[int] | None = None) -> Any:
+        """Top-k and bottom-k tokens of every value in vocabulary space (chunked; docs/values.md).
+
+        Example:
+            >>> proj = lens.project_values(top_k=10)  # doctest: +SKIP
+            >>> proj.to_pandas(layers=[29]).head()  # doctest: +SKIP
+        """
+        from ffkv_lens.analysis.values import project_values
+
+        return project_values(self, top_k=top_k, layers=layers)
+
     def hook_names(self, layer: int) -> LayerHooks:
         """Canonical hook names of ``layer`` used by the analyses."""
         return self.adapter.hook_names(layer)

@@ -1,0 +1,361 @@
+"""Value vectors read in the vocabulary (Geva et al. 2021, section 4).
+
+Every memory's value is projected into the vocabulary with :meth:`MemoryLens.value_logits`
+(direction only, centred over the vocabulary; the definition is ``lens.value_readout_mode``)
+and summarised by its top-k and bottom-k tokens and the maximum probability of
+``softmax(logits)``. The projection runs in chunks of memories, so ``[d_mlp, d_vocab]`` is never
+materialised (Gemma's vocabulary has 262,144 tokens); ranks are counted, never sorted.
+
+Ties: tokens are ordered by logit, then by token id (lower first), exactly, also at the k-th
+place. Ranks count the tokens with a strictly greater logit (rank 0 = top).
+
+Example:
+    >>> proj = project_values(lens, top_k=10)  # doctest: +SKIP
+    >>> proj.top1[29][:5], proj.max_prob[29].max()  # doctest: +SKIP
+    >>> proj.to_pandas(layers=[29]).head()  # doctest: +SKIP
+"""
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from ffkv_lens.errors import AtlasMismatchError, ConfigError
+from ffkv_lens.storage import atomic_folder, read_json
+
+__all__ = [
+    "ValueProjection",
+    "chunk_size",
+    "project_values",
+    "project_values_and_ranks",
+    "topk_by_logit",
+    "value_ranks",
+]
+
+log = logging.getLogger(__name__)
+FORMAT = "ffkv_lens.value_projection/1"
+DEFAULT_BUDGET_MB = 256
+_TIE_SLACK = 16  # extra candidates fetched so that a tie at the k-th place is resolved exactly
+_FIELDS = ("top_ids", "top_logits", "bottom_ids", "bottom_logits", "max_prob")
+DEFINITIONS = {
+    "logits": "lens.value_logits(layer): direction-only projection, centred over the vocabulary",
+    "top": "the top_k tokens by logit, highest first; ties: lower token id first",
+    "bottom": "the top_k tokens with the lowest logits, lowest first; ties: lower token id first",
+    "max_prob": "max softmax probability of the value's logits, exp(max - logsumexp)",
+    "rank": "number of tokens with a strictly greater logit (sign=-1: strictly lower); 0 = top",
+}
+
+
+def chunk_size(
+    d_vocab: int, *, chunk_memories: int | None = None, memory_budget_mb: int | float = DEFAULT_BUDGET_MB
+) -> int:
+    """Memories per chunk: ``chunk_memories`` if given, else what fits one float32 logits block in the budget."""
+    if chunk_memories is not None:
+        if not isinstance(chunk_memories, int) or chunk_memories < 1:
+            raise ConfigError(f"chunk_memories={chunk_memories!r}; pass a positive integer or None.")
+        return chunk_memories
+    if not memory_budget_mb > 0:
+        raise ConfigError(f"memory_budget_mb={memory_budget_mb!r}; pass a positive number of megabytes.")
+    return max(1, int(memory_budget_mb * 2**20) // (4 * d_vocab))
+
+
+def topk_by_logit(
+    logits: Float[Tensor, "memories d_vocab"], k: int, *, largest: bool = True
+) -> tuple[Float[Tensor, "memories k"], Int[Tensor, "memories k"]]:
+    """Top-k (``largest=False``: bottom-k) per row, ties broken by lower token id, exactly.
+
+    ``torch.topk`` picks arbitrarily among ties; this fetches ``k + 16`` candidates, orders them
+    by (logit, token id) and falls back to a full stable sort for the rare rows whose tie at the
+    k-th place runs past the candidates.
+    """
+    n_vocab = logits.shape[-1]
+    k = min(k, n_vocab)
+    fetch = min(k + _TIE_SLACK, n_vocab)
+    vals, ids = logits.topk(fetch, dim=-1, largest=largest, sorted=True)
+    by_id = ids.argsort(dim=-1)
+    vals, ids = vals.gather(-1, by_id), ids.gather(-1, by_id)
+    by_val = vals.argsort(dim=-1, descending=largest, stable=True)
+    vals, ids = vals.gather(-1, by_val), ids.gather(-1, by_val)
+    if fetch < n_vocab:
+        unsure = (vals[:, k - 1] == vals[:, fetch - 1]).nonzero().squeeze(1)
+        if unsure.numel():
+            full = logits[unsure].sort(dim=-1, descending=largest, stable=True)
+            vals[unsure], ids[unsure] = full.values[:, :fetch], full.indices[:, :fetch]
+    return vals[:, :k].contiguous(), ids[:, :k].contiguous()
+
+
+def _as_index(value: Tensor | Sequence[int]) -> Tensor:
+    return torch.as_tensor(value, dtype=torch.long).reshape(-1).cpu()
+
+
+def value_ranks(
+    lens: Any,
+    layer: int,
+    memories: Tensor | Sequence[int],
+    token_ids: Tensor | Sequence[int],
+    *,
+    sign: int = 1,
+    chunk_memories: int | None = None,
+    memory_budget_mb: int | float = DEFAULT_BUDGET_MB,
+) -> Int[Tensor, " n"]:
+    """Rank of ``token_ids[i]`` in the value distribution of memory ``memories[i]`` of ``layer``.
+
+    The rank is the number of tokens with a strictly greater logit (``sign=-1``: strictly lower,
+    the rank from the bottom), counted chunk by chunk; nothing is sorted.
+    """
+    if sign not in (1, -1):
+        raise ConfigError(f"sign={sign!r}; use 1 (rank from the top) or -1 (rank from the bottom).")
+    memories, token_ids = _as_index(memories), _as_index(token_ids)
+    if memories.shape != token_ids.shape:
+        raise ConfigError(
+            f"memories has {memories.numel()} entries but token_ids has {token_ids.numel()}; pass one token per memory."
+        )
+    if token_ids.numel() and not (0 <= int(token_ids.min()) and int(token_ids.max()) < lens.d_vocab):
+        raise ConfigError(
+            f"token_ids range over [{int(token_ids.min())}, {int(token_ids.max())}]; pass ids in [0, {lens.d_vocab})."
+        )
+    chunk = chunk_size(lens.d_vocab, chunk_memories=chunk_memories, memory_budget_mb=memory_budget_mb)
+    out = torch.empty(memories.numel(), dtype=torch.long)
+    with torch.no_grad():
+        for start in range(0, memories.numel(), chunk):
+            logits = lens.value_logits(layer, memories=memories[start : start + chunk])
+            out[start : start + chunk] = _count_beats(logits, token_ids[start : start + chunk], sign)
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class ValueProjection:
+    """Top and bottom tokens of every value of the projected layers.
+
+    Attributes:
+        top_ids: ``{layer: [d_mlp, k]}`` highest-logit tokens, best first.
+        top_logits: Their logits.
+        bottom_ids: ``{layer: [d_mlp, k]}`` lowest-logit tokens, lowest first.
+        bottom_logits: Their logits.
+        max_prob: ``{layer: [d_mlp]}`` max softmax probability of each value's distribution.
+        settings: Every setting and definition behind the numbers (readout mode included).
+        lens: The lens it was computed with (needed by :meth:`rank_of`); ``None`` after loading.
+        tokenizer: Decodes tokens in :meth:`to_pandas`.
+        top1: ``{layer: [d_mlp]}`` each value's top token (derived once, for gathers).
+        bottom1: ``{layer: [d_mlp]}`` each value's bottom token.
+    """
+
+    top_ids: dict[int, Int[Tensor, "d_mlp k"]]
+    top_logits: dict[int, Float[Tensor, "d_mlp k"]]
+    bottom_ids: dict[int, Int[Tensor, "d_mlp k"]]
+    bottom_logits: dict[int, Float[Tensor, "d_mlp k"]]
+    max_prob: dict[int, Float[Tensor, " d_mlp"]]
+    settings: dict[str, Any]
+    lens: Any = field(default=None, repr=False)
+    tokenizer: Any = field(default=None, repr=False)
+    top1: dict[int, Int[Tensor, " d_mlp"]] = field(init=False, repr=False)
+    bottom1: dict[int, Int[Tensor, " d_mlp"]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        layers = sorted(self.top_ids)
+        for name in _FIELDS:
+            if sorted(getattr(self, name)) != layers:
+                raise ConfigError(f"{name} covers layers {sorted(getattr(self, name))}, top_ids covers {layers}.")
+        object.__setattr__(self, "top1", {layer: self.top_ids[layer][:, 0].contiguous() for layer in layers})
+        object.__setattr__(self, "bottom1", {layer: self.bottom_ids[layer][:, 0].contiguous() for layer in layers})
+        if self.tokenizer is None and self.lens is not None:
+            object.__setattr__(self, "tokenizer", self.lens.adapter.tokenizer)
+
+    def __repr__(self) -> str:
+        mode = self.settings.get("value_readout_mode")
+        return f"ValueProjection(layers={self.layers}, top_k={self.top_k}, readout={mode!r})"
+
+    @property
+    def layers(self) -> list[int]:
+        """Projected layers, ascending."""
+        return sorted(self.top_ids)
+
+    @property
+    def top_k(self) -> int:
+        """Tokens kept per value and direction."""
+        return int(self.settings["top_k"])
+
+    def rank_of(
+        self, layer: int, memories: Tensor | Sequence[int], token_ids: Tensor | Sequence[int], *, sign: int = 1
+    ) -> Int[Tensor, " n"]:
+        """Rank of ``token_ids[i]`` in value ``memories[i]``'s distribution (see :func:`value_ranks`)."""
+        if self.lens is None:
+            raise ConfigError(
+                "rank_of needs the model: load the projection with ValueProjection.load(path, lens=lens)."
+            )
+        self._check_layer(layer)
+        chunk = self.settings.get("chunk_memories")
+        return value_ranks(self.lens, layer, memories, token_ids, sign=sign, chunk_memories=chunk)
+
+    def _check_layer(self, layer: int) -> None:
+        if layer not in self.top_ids:
+            raise ConfigError(f"layer={layer!r} was not projected; projected layers: {self.layers}.")
+
+    def to_pandas(self, *, layers: Iterable[int] | None = None, text: bool = True) -> Any:
+        """One row per (layer, key): top/bottom token ids, logits, decoded tokens (``text=True``), max_prob."""
+        import pandas as pd
+
+        frames = []
+        for layer in self.layers if layers is None else list(layers):
+            self._check_layer(layer)
+            d_mlp = self.top_ids[layer].shape[0]
+            frame = pd.DataFrame({"layer": layer, "key": range(d_mlp), "max_prob": self.max_prob[layer].double()})
+            for name in ("top_ids", "top_logits", "bottom_ids", "bottom_logits"):
+                frame[name] = getattr(self, name)[layer].tolist()
+            frames.append(frame)
+        out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        if text and len(out):
+            decode = self._decoder(out)
+            out["top_tokens"] = [[decode[t] for t in row] for row in out["top_ids"]]
+            out["bottom_tokens"] = [[decode[t] for t in row] for row in out["bottom_ids"]]
+        out.attrs["settings"] = self.settings
+        return out
+
+    def _decoder(self, frame: Any) -> dict[int, str]:
+        if self.tokenizer is None:
+            raise ConfigError("No tokenizer to decode tokens: pass lens= or tokenizer= to load, or use text=False.")
+        ids = sorted({t for col in ("top_ids", "bottom_ids") for row in frame[col] for t in row})
+        return dict(zip(ids, self.tokenizer.batch_decode([[t] for t in ids]), strict=True))
+
+    # -- persistence -------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write to a folder atomically: ``projection.safetensors`` + ``manifest.json`` (no pickle)."""
+        import json
+
+        from safetensors.torch import save_file
+
+        tensors = {
+            f"{name}.{layer}": getattr(self, name)[layer].contiguous().cpu()
+            for name in _FIELDS
+            for layer in self.layers
+        }
+        with atomic_folder(path) as tmp:
+            save_file(tensors, str(tmp / "projection.safetensors"))
+            manifest = {"format": FORMAT, "layers": self.layers, "settings": self.settings}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path, *, lens: Any = None, tokenizer: Any = None) -> "ValueProjection":
+        """Load a saved projection; pass ``lens`` (checked against the saved layout) to use :meth:`rank_of`."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        manifest = read_json(path / "manifest.json")
+        if manifest.get("format") != FORMAT:
+            raise AtlasMismatchError(f"{path} has format {manifest.get('format')!r}; this version reads {FORMAT!r}.")
+        settings = manifest["settings"]
+        if lens is not None and (lens.d_vocab, lens.d_mlp) != (settings["d_vocab"], settings["d_mlp"]):
+            raise AtlasMismatchError(
+                f"{path} was projected with d_vocab={settings['d_vocab']}, d_mlp={settings['d_mlp']}; the lens has "
+                f"d_vocab={lens.d_vocab}, d_mlp={lens.d_mlp}. Load it with the model it was made with."
+            )
+        tensors = load_file(str(path / "projection.safetensors"))
+        parts = {name: {layer: tensors[f"{name}.{layer}"] for layer in manifest["layers"]} for name in _FIELDS}
+        return cls(**parts, settings=settings, lens=lens, tokenizer=tokenizer)
+
+
+def _count_beats(logits: Tensor, token_ids: Tensor, sign: int) -> Tensor:
+    """Per row: tokens with a strictly greater (``sign=-1``: lower) logit than ``token_ids``; -1 where id < 0."""
+    token_ids = token_ids.to(logits.device)
+    target = logits.gather(1, token_ids.clamp_min(0)[:, None])
+    beats = (logits > target) if sign == 1 else (logits < target)
+    return torch.where(token_ids >= 0, beats.sum(dim=1), -1).cpu()
+
+
+def _project_layer(lens: Any, layer: int, k: int, chunk: int, targets: Tensor | None, sign: int) -> dict[str, Tensor]:
+    parts: dict[str, list[Tensor]] = {name: [] for name in (*_FIELDS, "ranks")}
+    for start in range(0, lens.d_mlp, chunk):
+        logits = lens.value_logits(layer, memories=torch.arange(start, min(start + chunk, lens.d_mlp)))
+        top_vals, top_ids = topk_by_logit(logits, k, largest=True)
+        bottom_vals, bottom_ids = topk_by_logit(logits, k, largest=False)
+        max_prob = (top_vals[:, 0] - torch.logsumexp(logits, dim=-1)).exp()
+        for name, value in zip(_FIELDS, (top_ids, top_vals, bottom_ids, bottom_vals, max_prob), strict=True):
+            parts[name].append(value.cpu())
+        if targets is not None:  # ranks in the same pass (value_agreement), saving a second projection
+            parts["ranks"].append(_count_beats(logits, targets[start : start + chunk], sign))
+    return {name: torch.cat(values) for name, values in parts.items() if values}
+
+
+def project_values(
+    lens: Any,
+    *,
+    top_k: int = 10,
+    layers: int | Sequence[int] | None = None,
+    chunk_memories: int | None = None,
+    memory_budget_mb: int | float = DEFAULT_BUDGET_MB,
+) -> ValueProjection:
+    """Top-k and bottom-k tokens and max probability of every value of the requested layers.
+
+    Args:
+        lens: A :class:`ffkv_lens.MemoryLens`.
+        top_k: Tokens kept per value in each direction (capped at ``d_vocab``).
+        layers: Layers to project (default all).
+        chunk_memories: Memories projected at once; default: as many as fit one float32
+            ``[chunk, d_vocab]`` block in ``memory_budget_mb`` (the peak is a few such blocks).
+            Does not change the result.
+        memory_budget_mb: See ``chunk_memories``.
+
+    Returns:
+        A :class:`ValueProjection` (its ``settings`` record ``lens.value_readout_mode``).
+    """
+    return project_values_and_ranks(
+        lens, top_k=top_k, layers=layers, chunk_memories=chunk_memories, memory_budget_mb=memory_budget_mb
+    )[0]
+
+
+def project_values_and_ranks(
+    lens: Any,
+    *,
+    top_k: int = 10,
+    layers: int | Sequence[int] | None = None,
+    chunk_memories: int | None = None,
+    memory_budget_mb: int | float = DEFAULT_BUDGET_MB,
+    targets: dict[int, Tensor] | None = None,
+    sign: int = 1,
+) -> tuple[ValueProjection, dict[int, Tensor]]:
+    """:func:`project_values` plus, in the same pass, the rank of ``targets[layer][i]`` in value i.
+
+    ``targets[layer]`` holds one token id per memory (``-1``: no target, rank ``-1``); ranks are
+    those of :func:`value_ranks` with the same ``sign``. Used by ``value_agreement``.
+    """
+    if not isinstance(top_k, int) or top_k < 1:
+        raise ConfigError(f"top_k={top_k!r}; pass a positive integer (e.g. 10).")
+    chosen = lens.adapter.check_layers(layers)
+    chunk = chunk_size(lens.d_vocab, chunk_memories=chunk_memories, memory_budget_mb=memory_budget_mb)
+    k = min(top_k, lens.d_vocab)
+    bad = [
+        layer
+        for layer in chosen
+        if targets is not None and tuple(getattr(targets.get(layer), "shape", ())) != (lens.d_mlp,)
+    ]
+    if bad:
+        raise ConfigError(
+            f"targets lacks layers {bad} or has the wrong shape; map each layer to {lens.d_mlp} token ids."
+        )
+    start = time.perf_counter()
+    parts: dict[str, dict[int, Tensor]] = {name: {} for name in (*_FIELDS, "ranks")}
+    with torch.no_grad():
+        for layer in chosen:
+            wanted = None if targets is None else targets[layer].long().cpu()
+            for name, value in _project_layer(lens, layer, k, chunk, wanted, sign).items():
+                parts[name][layer] = value
+            log.info("projected the values of layer %d (%.1f s so far)", layer, time.perf_counter() - start)
+    settings = {
+        "top_k": k,
+        "layers": chosen,
+        "value_readout_mode": lens.value_readout_mode,
+        "d_vocab": lens.d_vocab,
+        "d_mlp": lens.d_mlp,
+        "model": lens.adapter.describe(),
+        "definitions": DEFINITIONS,
+        "chunk_memories": chunk,  # speed and memory only
+    }
+    ranks = parts.pop("ranks")
+    return ValueProjection(**parts, settings=settings, lens=lens), ranks

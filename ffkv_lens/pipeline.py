@@ -1,0 +1,335 @@
+"""The whole study on one model and corpus, into a resumable run folder.
+
+Steps, each written atomically and skipped when a re-run finds it done:
+
+1. ``triggers``: trigger search (checkpointed in ``search/``) -> ``atlas/``
+2. ``values``: value projection -> ``values/``
+3. ``agreement``: value/trigger agreement (paper section 4) -> ``tables/agreement_*``
+4. ``mutation``: shallow vs semantic keys (section 3.2) -> ``tables/mutation_*``
+5. ``dynamics``: composition and residual vs FFN (section 5), one pass -> ``tables/composition_*``, ``residual_*``
+6. ``figures``: PNG + SVG per analysis -> ``figures/``
+
+``manifest.json`` records the settings, the model and corpus, library versions, each step's
+time and the run's status. A finished run is never overwritten without ``force``; a folder made
+with other settings or another model is refused with the differences named.
+
+Example:
+    >>> from ffkv_lens.pipeline import RunConfig, run_study  # doctest: +SKIP
+    >>> run_study(RunConfig(model="smollm2-135m", max_tokens=50_000), "runs/smollm2")  # doctest: +SKIP
+"""
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from ffkv_lens.errors import ConfigError, RunFolderError
+from ffkv_lens.storage import atomic_write_bytes, atomic_write_json, read_json
+
+__all__ = ["STEPS", "RunConfig", "run_study"]
+
+log = logging.getLogger(__name__)
+STEPS = ("triggers", "values", "agreement", "mutation", "dynamics", "figures")
+_UNITS = ("sentence", "document", "window")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of a study run (all recorded in the manifest).
+
+    Attributes:
+        model: Embedded name, local HF folder or hub name.
+        corpus: ``"default"``, a path (text file, folder of .txt, .jsonl) or ``"hf:NAME"``.
+        unit: Trigger-search unit: ``"sentence"`` (the paper's), ``"document"`` or ``"window"``.
+        k: Trigger examples per key.
+        max_len: Longest unit in tokens.
+        max_tokens: Token budget of the trigger search (None: whole corpus).
+        signed: Also keep bottom-k triggers (and run the signed agreement variant).
+        top_k: Tokens kept per value in the projection.
+        keys_per_layer: Keys per layer in the mutation test.
+        examples: Trigger examples per key in the mutation test.
+        positions: Sampled positions for composition and residual dynamics.
+        seed: Seed of every sampled quantity.
+        device: ``"cpu"``, ``"cuda"``... (None: cuda if available).
+        dtype: Model dtype name.
+        batch_tokens: Padded tokens per forward pass (speed and memory only).
+    """
+
+    model: str = "smollm2-135m"
+    corpus: str = "default"
+    unit: Literal["sentence", "document", "window"] = "sentence"
+    k: int = 50
+    max_len: int = 128
+    max_tokens: int | None = 100_000
+    signed: bool = True
+    top_k: int = 10
+    keys_per_layer: int = 100
+    examples: int = 50
+    positions: int = 4000
+    seed: int = 0
+    device: str | None = None
+    dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
+    batch_tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.unit not in _UNITS:
+            raise ConfigError(f"unit={self.unit!r}; allowed: {_UNITS}.")
+        for name in ("k", "max_len", "top_k", "keys_per_layer", "examples", "positions", "batch_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}={value!r}; pass a positive integer.")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            raise ConfigError(f"max_tokens={self.max_tokens!r}; pass a positive integer or None (whole corpus).")
+
+    def results_identity(self) -> dict[str, Any]:
+        """The settings that change results (device and batch size do not)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("device", "batch_tokens")}
+
+
+def open_corpus(spec: str) -> Any:
+    """A :class:`ffkv_lens.Corpus` from a CLI-style spec (see :class:`RunConfig`)."""
+    from ffkv_lens.corpus import Corpus
+
+    if spec == "default":
+        return Corpus.default()
+    if spec.startswith("hf:"):
+        import datasets
+
+        return Corpus.from_hf(datasets.load_dataset(spec[3:], split="train", streaming=True))
+    path = Path(spec)
+    if not path.exists():
+        raise ConfigError(f"corpus={spec!r} is neither 'default', 'hf:NAME' nor an existing path.")
+    if path.suffix == ".jsonl":
+        return Corpus.from_jsonl(path)
+    return Corpus.from_files(path)
+
+
+class _Run:
+    """A run folder: its manifest and the bookkeeping of steps."""
+
+    def __init__(self, folder: Path, config: RunConfig, force: bool) -> None:
+        self.folder, self.config = folder, config
+        manifest_path = folder / "manifest.json"
+        if manifest_path.exists():
+            old = read_json(manifest_path)
+            if force:
+                shutil.rmtree(folder)
+            elif old.get("status") == "finished":
+                raise RunFolderError(f"{folder} holds a finished run; pass --force (force=True) to redo it.")
+            else:
+                _check_same(old.get("identity", {}), config.results_identity(), folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.manifest = read_json(manifest_path) if manifest_path.exists() else self._fresh_manifest()
+        self.save()
+
+    def _fresh_manifest(self) -> dict[str, Any]:
+        from ffkv_lens.analysis.triggers import _versions
+
+        return {
+            "format": "ffkv_lens.run/1",
+            "status": "running",
+            "config": asdict(self.config),
+            "identity": self.config.results_identity(),
+            "steps": {},
+            "versions": _versions(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+
+    def save(self) -> None:
+        atomic_write_json(self.folder / "manifest.json", self.manifest)
+
+    def done(self, step: str) -> bool:
+        return step in self.manifest["steps"]
+
+    def step(self, name: str, fn: Callable[[], dict[str, Any] | None], say: Callable[[str], None]) -> None:
+        if self.done(name):
+            say(f"{name}: already done, skipped")
+            return
+        start = time.perf_counter()
+        extra = fn() or {}
+        seconds = round(time.perf_counter() - start, 2)
+        self.manifest["steps"][name] = {"seconds": seconds, **extra}
+        self.save()
+        say(f"{name}: done in {seconds:.0f} s")
+
+
+def _check_same(old: dict[str, Any], new: dict[str, Any], folder: Path) -> None:
+    diffs = [
+        f"{key}: folder {old.get(key)!r} vs now {new.get(key)!r}" for key in sorted(new) if old.get(key) != new.get(key)
+    ]
+    if diffs:
+        raise RunFolderError(
+            f"{folder} holds an unfinished run with other settings ({'; '.join(diffs)}). Resume it with the "
+            "same settings, choose another --out, or pass --force to start over."
+        )
+
+
+def write_table(frame: Any, path: Path) -> None:
+    """Write a DataFrame atomically as CSV (and JSON records when small)."""
+    atomic_write_bytes(path.with_suffix(".csv"), frame.to_csv(index=False).encode("utf-8"))
+    if len(frame) <= 10_000:
+        atomic_write_bytes(path.with_suffix(".json"), frame.to_json(orient="records", indent=1).encode("utf-8"))
+
+
+def _write_result(run: _Run, name: str, result: Any, tables: dict[str, str]) -> dict[str, Any]:
+    for attr, stem in tables.items():
+        write_table(getattr(result, attr), run.folder / "tables" / stem)
+    atomic_write_json(run.folder / "tables" / f"{name}_settings.json", _jsonable(result.settings))
+    return {"tables": sorted(tables.values())}
+
+
+def _jsonable(obj: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(obj, default=str))
+
+
+def run_study(
+    config: RunConfig,
+    out: str | Path,
+    *,
+    force: bool = False,
+    progress: bool = True,
+    say: Callable[[str], None] = log.info,
+) -> Path:
+    """Run every analysis of the paper into ``out``; resumes an interrupted run.
+
+    Args:
+        config: The settings.
+        out: The run folder.
+        force: Redo a finished run (its folder is replaced).
+        progress: Show progress bars.
+        say: Receives one-line messages for the user (the estimate, each step).
+
+    Returns:
+        The run folder.
+    """
+    import torch
+
+    from ffkv_lens import MemoryLens, load_model
+
+    run = _Run(Path(out), config, force)
+    corpus = open_corpus(config.corpus)
+    lens = MemoryLens(load_model(config.model, device=config.device, dtype=getattr(torch, config.dtype)))
+    _check_model(run, lens)
+    with torch.no_grad():
+        if not run.done("triggers"):
+            say(_estimate(lens, config))
+        _run_steps(run, lens, corpus, progress, say)
+    run.manifest["status"] = "finished"
+    run.manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    run.save()
+    return run.folder
+
+
+def _check_model(run: _Run, lens: Any) -> None:
+    described = lens.adapter.describe()
+    old = run.manifest.get("model")
+    if old is not None and old.get("hf_architecture") != described.get("hf_architecture"):
+        raise RunFolderError(
+            f"{run.folder} was made with {old.get('model_name')!r}; this model is {described['model_name']!r}."
+        )
+    run.manifest["model"] = described
+    run.manifest["layout"] = {"n_layers": lens.n_layers, "d_mlp": lens.d_mlp, "d_vocab": lens.d_vocab}
+    run.save()
+
+
+def _estimate(lens: Any, config: RunConfig) -> str:
+    """Time one forward pass and extrapolate the trigger search (the longest step)."""
+    import torch
+
+    tokens = torch.randint(0, lens.d_vocab, (max(1, config.batch_tokens // 128), 128), device=lens.adapter.device)
+    lens.coefficients(tokens[:1, :16])  # warm-up
+    start = time.perf_counter()
+    lens.coefficients(tokens)
+    rate = tokens.numel() / (time.perf_counter() - start)
+    if config.max_tokens is None:
+        return f"forward pass: {rate:,.0f} tokens/s; the whole corpus will take about its tokens / {rate:,.0f} seconds"
+    minutes = config.max_tokens / rate / 60
+    return (
+        f"forward pass: {rate:,.0f} tokens/s; trigger search over {config.max_tokens:,} tokens: about "
+        f"{minutes:.1f} min; the other analyses take about as long again (see docs/performance.md)"
+    )
+
+
+def _run_steps(run: _Run, lens: Any, corpus: Any, progress: bool, say: Callable[[str], None]) -> None:
+    from ffkv_lens.analysis.agreement import value_agreement
+    from ffkv_lens.analysis.atlas import TriggerAtlas
+    from ffkv_lens.analysis.dynamics import layer_dynamics
+    from ffkv_lens.analysis.mutation import mutation_test
+    from ffkv_lens.analysis.values import ValueProjection, project_values
+
+    c, folder = run.config, run.folder
+    run.manifest["corpus"] = corpus.describe()
+
+    def triggers() -> dict[str, Any]:
+        atlas = lens.search_triggers(
+            corpus, k=c.k, unit=c.unit, max_len=c.max_len, signed=c.signed, max_tokens=c.max_tokens,
+            batch_tokens=c.batch_tokens, checkpoint_dir=str(folder / "search"), progress=progress,
+        )  # fmt: skip
+        atlas.save(folder / "atlas")
+        return {"tokens": atlas.manifest["progress"]["tokens"], "units": atlas.manifest["progress"]["units"]}
+
+    run.step("triggers", triggers, say)
+    atlas = TriggerAtlas.load(folder / "atlas")
+    run.step("values", lambda: {"path": str(project_values(lens, top_k=c.top_k).save(folder / "values"))}, say)
+    projection = ValueProjection.load(folder / "values", lens=lens)
+
+    def agreement() -> dict[str, Any]:
+        result = value_agreement(lens, atlas, projection, seed=c.seed)
+        out = _write_result(
+            run, "agreement", result, {"per_layer": "agreement_per_layer", "per_memory": "agreement_per_memory"}
+        )
+        if c.signed:
+            signed = value_agreement(lens, atlas, projection, variant="signed", seed=c.seed)
+            _write_result(run, "agreement_signed", signed, {"per_layer": "agreement_signed_per_layer"})
+        return out
+
+    def mutation() -> dict[str, Any]:
+        result = mutation_test(
+            lens, atlas, keys_per_layer=c.keys_per_layer, examples=c.examples, seed=c.seed, progress=progress
+        )
+        return _write_result(
+            run, "mutation", result, {"per_layer": "mutation_per_layer", "per_key": "mutation_per_key"}
+        )
+
+    def dynamics() -> dict[str, Any]:
+        result = layer_dynamics(lens, corpus, positions=c.positions, seed=c.seed, progress=progress)
+        tables = {"composition": "composition_per_layer", "residual": "residual_per_layer"}
+        return _write_result(run, "dynamics", result, tables)
+
+    run.step("agreement", agreement, say)
+    run.step("mutation", mutation, say)
+    run.step("dynamics", dynamics, say)
+    run.step("figures", lambda: write_figures(folder, lens.n_layers), say)
+
+
+def write_figures(folder: Path, n_layers: int) -> dict[str, Any]:
+    """Draw every figure of a run folder from its tables (layer and relative-depth x-axes)."""
+    import pandas as pd
+
+    from ffkv_lens import report
+
+    plan = {
+        "agreement": (report.plot_agreement, "agreement_per_layer"),
+        "rank": (report.plot_rank, "agreement_per_layer"),
+        "mutation": (report.plot_mutation, "mutation_per_layer"),
+        "composition": (report.plot_composition, "composition_per_layer"),
+        "residual": (report.plot_residual, "residual_per_layer"),
+        "residual_breakdown": (report.plot_residual_breakdown, "residual_per_layer"),
+    }
+    written = []
+    for name, (plot, table) in plan.items():
+        path = folder / "tables" / f"{table}.csv"
+        if not path.exists():
+            continue
+        frame = pd.read_csv(path)
+        plot(frame, n_layers=n_layers, out=folder / "figures" / name)
+        written.append(name)
+        import matplotlib.pyplot as plt
+
+        plt.close("all")
+    return {"figures": written}

@@ -1,0 +1,83 @@
+"""The run folder: all steps, resume, refusal of finished or foreign folders, and the CLI."""
+
+import json
+
+import pytest
+
+from ffkv_lens.cli import main
+from ffkv_lens.errors import RunFolderError
+from ffkv_lens.pipeline import STEPS, RunConfig, run_study
+from tests.factories import TEXT
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text((TEXT + "\n") * 3)
+    return str(path)
+
+
+def _config(model: str, corpus: str, **overrides) -> RunConfig:
+    base = dict(model=model, corpus=corpus, k=4, keys_per_layer=8, examples=4, positions=16, max_tokens=2000)
+    return RunConfig(**{**base, **overrides})
+
+
+def test_run_writes_every_step_and_refuses_to_overwrite(tiny_folder, corpus_file, tmp_path) -> None:
+    model = str(tiny_folder("gpt2"))
+    folder = run_study(_config(model, corpus_file), tmp_path / "run", progress=False)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and set(manifest["steps"]) == set(STEPS)
+    for table in ("agreement_per_layer", "mutation_per_layer", "composition_per_layer", "residual_per_layer"):
+        assert (folder / "tables" / f"{table}.csv").stat().st_size > 0
+    assert len(list((folder / "figures").glob("*.svg"))) == 6
+    with pytest.raises(RunFolderError, match="finished run; pass --force"):
+        run_study(_config(model, corpus_file), folder, progress=False)
+    run_study(_config(model, corpus_file), folder, force=True, progress=False)
+
+
+def test_interrupted_run_resumes_only_missing_steps(tiny_folder, corpus_file, tmp_path) -> None:
+    model = str(tiny_folder("llama"))
+    folder = run_study(_config(model, corpus_file), tmp_path / "run", progress=False)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    atlas_mtime = (folder / "atlas" / "atlas.safetensors").stat().st_mtime_ns
+    # Simulate a run killed during the mutation step.
+    manifest["status"] = "running"
+    for step in ("mutation", "dynamics", "figures"):
+        del manifest["steps"][step]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    said = []
+    run_study(_config(model, corpus_file), folder, progress=False, say=said.append)
+    assert "triggers: already done, skipped" in said and any(s.startswith("mutation: done") for s in said)
+    assert (folder / "atlas" / "atlas.safetensors").stat().st_mtime_ns == atlas_mtime
+
+
+def test_unfinished_run_with_other_settings_is_refused(tiny_folder, corpus_file, tmp_path) -> None:
+    model = str(tiny_folder("gpt2"))
+    folder = run_study(_config(model, corpus_file), tmp_path / "run", progress=False)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["status"] = "running"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RunFolderError, match="k: folder 4 vs now 5"):
+        run_study(_config(model, corpus_file, k=5), folder, progress=False)
+    with pytest.raises(RunFolderError, match="model: folder .*tiny-gpt2.* vs now .*tiny-llama"):
+        run_study(_config(str(tiny_folder("llama")), corpus_file), folder, progress=False)
+
+
+def test_cli_run_and_errors(tiny_folder, corpus_file, tmp_path, capsys) -> None:
+    out = tmp_path / "cli-run"
+    args = ["run", "--model", str(tiny_folder("gpt2")), "--corpus", corpus_file, "--out", str(out)]
+    small = ["--k", "3", "--keys-per-layer", "4", "--examples", "3", "--positions", "8", "--max-tokens", "1000"]
+    assert main(args + small) == 0
+    assert "finished in" in capsys.readouterr().out
+    assert main(args + small) == 2
+    assert "pass --force" in capsys.readouterr().err
+    assert main(["run", "--model", "no-such-model-folder/x/y", "--out", str(tmp_path / "x")]) == 2
+    assert main(["run", "--corpus", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "y")]) == 2
+    with pytest.raises(SystemExit):
+        main(["run", "--k", "0", "--out", str(tmp_path / "z")])
+
+
+def test_cli_models_lists_embedded(capsys) -> None:
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "smollm2-135m" in out and "gemma3-270m" in out and "pip install" in out
