@@ -23,8 +23,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q -e ".[dev]"
 	touch $@
 
+# Budgets sized for about 15 minutes on 2 CPU cores; with a GPU raise them (README).
+DEMO_FLAGS ?= --max-tokens 30000 --keys-per-layer 10 --examples 5 --positions 500
 demo: setup
-	$(VENV)/bin/ffkv-lens layout --model smollm2-135m
+	$(VENV)/bin/ffkv-lens run --model smollm2-135m --out runs/demo $(DEMO_FLAGS)
+	@echo "figures and tables: runs/demo/figures, runs/demo/tables (manifest: runs/demo/manifest.json)"
 
 lint: setup
 	$(VENV)/bin/ruff check ffkv_lens tests benchmarks

@@ -49,7 +49,8 @@ class RunConfig:
         max_tokens: Token budget of the trigger search (None: whole corpus).
         signed: Also keep bottom-k triggers (and run the signed agreement variant).
         top_k: Tokens kept per value in the projection.
-        keys_per_layer: Keys per layer in the mutation test.
+        keys_per_layer: Keys per layer in the mutation test (the paper: 100 x 50 examples, hours
+            on a CPU; the defaults here fit a CPU, raise them on a GPU).
         examples: Trigger examples per key in the mutation test.
         positions: Sampled positions for composition and residual dynamics.
         seed: Seed of every sampled quantity.
@@ -63,12 +64,12 @@ class RunConfig:
     unit: Literal["sentence", "document", "window"] = "sentence"
     k: int = 50
     max_len: int = 128
-    max_tokens: int | None = 100_000
+    max_tokens: int | None = 50_000
     signed: bool = True
     top_k: int = 10
-    keys_per_layer: int = 100
-    examples: int = 50
-    positions: int = 4000
+    keys_per_layer: int = 20
+    examples: int = 10
+    positions: int = 1000
     seed: int = 0
     device: str | None = None
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
