@@ -10,7 +10,10 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: setup demo test lint clean
 
-setup: $(STAMP)
+# The stamp alone is not trusted: a venv whose interpreter or tools are gone is rebuilt.
+setup:
+	@test -x $(PY) -a -x $(VENV)/bin/ruff || rm -f $(STAMP)
+	@$(MAKE) --no-print-directory $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
