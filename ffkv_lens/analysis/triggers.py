@@ -134,11 +134,13 @@ class TriggerSearch:
                 tokens, [(name, reduce) for name in self._hook_layer], attention_mask=mask, stop_after=self._stop
             )
         self.progress.seconds += time.perf_counter() - start
+        following: list[int] = []
         for unit in batch.units:
             self._units[unit.unit_id] = (unit.doc_id, list(unit.token_ids))
-            if len(unit.token_ids) > 1:
-                ids = torch.as_tensor(unit.token_ids[1:], dtype=torch.int64)
-                self.next_token_counts += torch.bincount(ids, minlength=self.next_token_counts.numel())
+            following.extend(unit.token_ids[1:])
+        if following:  # one scatter-add per batch, not a vocabulary-sized bincount per unit
+            ids = torch.as_tensor(following, dtype=torch.int64)
+            self.next_token_counts.index_add_(0, ids, torch.ones_like(ids))
         self.progress.units += len(batch.units)
         self.progress.tokens += int(sum(batch.lengths))
         self.progress.batches += 1
