@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ffkv_lens.analysis.atlas import LayerTopK, TriggerAtlas, UnitStore, tokenizer_fingerprint
 from ffkv_lens.errors import ConfigError
-from ffkv_lens.kernels import TopKState, update_topk
+from ffkv_lens.kernels import TopKState, update_topk, update_topk_signed
 
 __all__ = ["SearchConfig", "TriggerSearch", "search_triggers"]
 
@@ -124,9 +124,12 @@ class TriggerSearch:
         def reduce(m: Tensor, hook: Any) -> None:
             layer = self._hook_layer[hook.name]
             m = m.detach().to(self.dtype)
-            self.top[layer] = update_topk(self.top[layer], m, valid, unit_ids)
-            if self.bottom is not None:
-                self.bottom[layer] = update_topk(self.bottom[layer], -m, valid, unit_ids)
+            if self.bottom is None:
+                self.top[layer] = update_topk(self.top[layer], m, valid, unit_ids)
+            else:  # one pass for both signs
+                self.top[layer], self.bottom[layer] = update_topk_signed(
+                    self.top[layer], self.bottom[layer], m, valid, unit_ids
+                )
 
         start = time.perf_counter()
         with torch.no_grad():

@@ -47,6 +47,7 @@ __all__ = [
     "merge_topk",
     "reduce_units",
     "update_topk",
+    "update_topk_signed",
 ]
 
 logger = logging.getLogger(__name__)
@@ -105,6 +106,23 @@ def update_topk(
 ) -> TopKState:
     """Stream a batch into the top-k; see :func:`ffkv_lens.kernels.topk.update_topk`."""
     return _backend(m.device).update_topk(state, m, valid, unit_ids)
+
+
+def update_topk_signed(
+    top: TopKState,
+    bottom: TopKState,
+    m: Float[Tensor, "batch pos d_mlp"],
+    valid: Bool[Tensor, "batch pos"],
+    unit_ids: Int[Tensor, " batch"],
+) -> tuple[TopKState, TopKState]:
+    """Stream a batch into the top-k of ``m`` and of ``-m``; see :func:`ffkv_lens.kernels.topk.update_topk_signed`.
+
+    A backend without a fused version runs its ``update_topk`` on ``m`` and on ``-m``.
+    """
+    backend = _backend(m.device)
+    if hasattr(backend, "update_topk_signed"):
+        return backend.update_topk_signed(top, bottom, m, valid, unit_ids)
+    return backend.update_topk(top, m, valid, unit_ids), backend.update_topk(bottom, m.neg(), valid, unit_ids)
 
 
 def _backend(device: torch.device) -> ModuleType:

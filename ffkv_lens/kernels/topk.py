@@ -42,7 +42,15 @@ from torch import Tensor
 
 from ffkv_lens.errors import ConfigError
 
-__all__ = ["TopKState", "UnitPeaks", "merge_states", "merge_topk", "reduce_units", "update_topk"]
+__all__ = [
+    "TopKState",
+    "UnitPeaks",
+    "merge_states",
+    "merge_topk",
+    "reduce_units",
+    "update_topk",
+    "update_topk_signed",
+]
 
 EMPTY_UNIT = -1
 """Unit id (and position) of an empty slot."""
@@ -284,16 +292,69 @@ def merge_topk(
     if not bool(reach.any()):  # the warm fast path: nothing can enter
         return state
     rows = reach.any(dim=0).nonzero().squeeze(1)
-    cand_rows = cand.index_select(1, rows).T  # [rows, batch]
-    kth_values, kth_units = state.values[rows, -1:], state.units[rows, -1:]
+    every_row = rows.numel() == state.d_mlp
+    pick = (lambda t: t) if every_row else (lambda t: t.index_select(0, rows))
+    values, units, positions = pick(state.values), pick(state.units), pick(state.positions)
+    cand_rows = (cand if every_row else cand.index_select(1, rows)).T.contiguous()  # [rows, batch]
+    kth_values, kth_units = values[:, -1:], units[:, -1:]
     passing = (cand_rows > kth_values) | ((cand_rows == kth_values) & (unit_ids < kth_units))
-    # Candidates that do not pass can never enter: make them empty slots (which sort last).
-    values = torch.cat([state.values[rows], cand_rows.masked_fill(~passing, float("-inf"))], 1)
-    units = torch.cat([state.units[rows], unit_ids.expand_as(passing).masked_fill(~passing, EMPTY_UNIT)], 1)
-    positions = torch.cat([state.positions[rows], cand_positions.index_select(1, rows).T.masked_fill(~passing, -1)], 1)
-    values, units, positions = _top_k_rows(values, units, positions, state.k)
-    state.values[rows], state.units[rows], state.positions[rows] = values, units, positions
+    cand_pos = (cand_positions if every_row else cand_positions.index_select(1, rows)).T
+    merged = _insert_sorted(values, units, positions, cand_rows, unit_ids, cand_pos, passing)
+    if every_row:
+        for target, source in zip(state, merged, strict=True):
+            target.copy_(source)
+    else:
+        for target, source in zip(state, merged, strict=True):
+            target.index_copy_(0, rows, source)
     return state
+
+
+def _insert_sorted(
+    values: Tensor,
+    units: Tensor,
+    positions: Tensor,
+    cand: Tensor,
+    unit_ids: Tensor,
+    cand_positions: Tensor,
+    passing: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Insert the passing candidates into sorted rows by counting ranks: no sort.
+
+    Each row ``(values, units)`` is sorted by the ranking rule. A candidate's place in the merged row
+    is the number of row entries that beat it plus the number of passing candidates that beat it;
+    an entry at slot ``j`` moves down by the number of passing candidates that beat it, i.e. those
+    whose row rank is at most ``j``. Places ``>= k`` fall off the end. Every ``[rows, ...]`` input
+    holds only rows that receive at least one candidate.
+    """
+    n_rows, k = values.shape
+    batch = cand.shape[1]
+    # Row entries strictly above each candidate: a binary search (rows are descending).
+    descending = values.neg()
+    rank = torch.searchsorted(descending, cand.neg(), right=False)
+    at_most = torch.searchsorted(descending, cand.neg(), right=True)
+    tied = passing & (at_most > rank)
+    if bool(tied.any()):  # equal values: entries with a lower unit id beat the candidate too
+        same = values.unsqueeze(1) == cand.unsqueeze(2)  # [rows, batch, k]
+        lower = units.unsqueeze(1) < unit_ids.view(1, batch, 1)
+        rank = rank + (same & lower).sum(dim=2)
+    # Passing candidates above each candidate (unit ids are unique: no two tie completely).
+    above = (cand.unsqueeze(1) > cand.unsqueeze(2)) | (
+        (cand.unsqueeze(1) == cand.unsqueeze(2)) & (unit_ids.view(1, 1, batch) < unit_ids.view(1, batch, 1))
+    )
+    place = rank + (above & passing.unsqueeze(1)).sum(dim=2)
+    # How far each entry moves down: passing candidates whose row rank is <= its slot.
+    counts = torch.zeros(n_rows, k + 1, dtype=torch.int64, device=values.device)
+    counts.scatter_add_(1, rank.masked_fill(~passing, k), passing.long())
+    slots = torch.arange(k, device=values.device).expand(n_rows, k) + counts[:, :k].cumsum(dim=1)
+    dump = k + batch  # a spare column for everything that falls off
+    index = torch.cat([slots, place.masked_fill(~passing, dump)], dim=1).clamp_(max=dump)
+    out = []
+    for old, new, fill in ((values, cand, float("-inf")), (units, unit_ids.expand_as(cand), EMPTY_UNIT)):
+        out.append(torch.full((n_rows, dump + 1), fill, dtype=old.dtype, device=old.device))
+        out[-1].scatter_(1, index, torch.cat([old, new], dim=1))
+    out.append(torch.full((n_rows, dump + 1), EMPTY_UNIT, dtype=positions.dtype, device=positions.device))
+    out[-1].scatter_(1, index, torch.cat([positions, cand_positions], dim=1))
+    return out[0][:, :k], out[1][:, :k], out[2][:, :k]
 
 
 def update_topk(
@@ -303,6 +364,11 @@ def update_topk(
     unit_ids: Int[Tensor, " batch"],
 ) -> TopKState:
     """Stream one batch of units into the top-k: :func:`reduce_units` then :func:`merge_topk`.
+
+    When every unit's valid positions form one contiguous run (right padding, BOS excluded: the
+    usual case) the maxima are taken over those runs without a mask, and peak positions are looked
+    up only for the (unit, key) pairs that reach a row's k-th value (threshold gating). Otherwise it
+    is literally :func:`reduce_units` then :func:`merge_topk`; both give the same state.
 
     Args:
         state: The layer's running state (updated in place).
@@ -319,9 +385,121 @@ def update_topk(
     check_update_args(state, m, valid, unit_ids)
     if m.shape[0] == 0:
         return state
-    dtype = compare_dtype(m.dtype, state.values.dtype)
-    peaks = reduce_units(m.to(dtype), valid)
-    return merge_topk(state, peaks.values, peaks.positions, unit_ids)
+    m = m.to(compare_dtype(m.dtype, state.values.dtype))
+    spans = _spans(valid)
+    if spans is None:
+        peaks = reduce_units(m, valid)
+        return merge_topk(state, peaks.values, peaks.positions, unit_ids)
+    _, high = _span_extremes(m, spans, lowest=False)
+    return _merge_gated(state, m, valid, spans, high, unit_ids, sign=1)
+
+
+def update_topk_signed(
+    top: TopKState,
+    bottom: TopKState,
+    m: Float[Tensor, "batch pos d_mlp"],
+    valid: Bool[Tensor, "batch pos"],
+    unit_ids: Int[Tensor, " batch"],
+) -> tuple[TopKState, TopKState]:
+    """Update the top-k of ``m`` and of ``-m`` (the bottom-k) in one pass over the coefficients.
+
+    Equal to ``update_topk(top, m, ...)`` and ``update_topk(bottom, -m, ...)``, without materialising
+    ``-m``: each unit's minima and maxima are read from the same slice of ``m``.
+
+    Args:
+        top: The state of the largest coefficients (updated in place).
+        bottom: The state of the most negative ones, holding negated values (updated in place).
+        m: Coefficients of the batch, right-padded.
+        valid: False at padding and excluded positions.
+        unit_ids: Global unit ids of the batch, non-negative, unique over the stream.
+
+    Returns:
+        ``(top, bottom)``, updated.
+
+    Raises:
+        ConfigError: Mismatched shapes, dtypes or devices, or a negative unit id.
+    """
+    check_update_args(top, m, valid, unit_ids)
+    check_update_args(bottom, m, valid, unit_ids)
+    if m.shape[0] == 0:
+        return top, bottom
+    m = m.to(compare_dtype(m.dtype, top.values.dtype))
+    spans = _spans(valid)
+    if spans is None:
+        return update_topk(top, m, valid, unit_ids), update_topk(bottom, m.neg(), valid, unit_ids)
+    low, high = _span_extremes(m, spans, lowest=True)
+    top = _merge_gated(top, m, valid, spans, high, unit_ids, sign=1)
+    return top, _merge_gated(bottom, m, valid, spans, low, unit_ids, sign=-1)
+
+
+class Spans(NamedTuple):
+    """Each unit's valid positions as one run ``[start, end)``, as lists and as tensors."""
+
+    runs: list[tuple[int, int]]
+    starts: Tensor
+    ends: Tensor
+
+
+def _spans(valid: Tensor) -> Spans | None:
+    """Each row's valid positions as one ``[start, end)`` run, or None if some row has holes."""
+    counts = valid.sum(dim=1)
+    starts = valid.to(torch.uint8).argmax(dim=1)  # first valid position (0 for a row with none)
+    ends = starts + counts
+    grid = torch.arange(valid.shape[1], device=valid.device)
+    runs = (grid >= starts.unsqueeze(1)) & (grid < ends.unsqueeze(1))
+    if not bool(torch.equal(runs, valid)):
+        return None
+    return Spans(list(zip(starts.tolist(), ends.tolist(), strict=True)), starts, ends)
+
+
+def _span_extremes(m: Tensor, spans: Spans, *, lowest: bool) -> tuple[Tensor | None, Tensor]:
+    """Per unit and key, the minimum (if ``lowest``) and maximum over the unit's run.
+
+    A unit with an empty run gets ``(+inf, -inf)``, so it never enters a state. NaN propagates
+    (a NaN candidate never enters either).
+    """
+    batch, _, d_mlp = m.shape
+    if len(set(spans.runs)) == 1:  # every run the same (full windows): one reduction for the batch
+        start, end = spans.runs[0]
+        if end > start:
+            part = m[:, start:end]
+            return (part.amin(dim=1) if lowest else None), part.amax(dim=1)
+    high = torch.full((batch, d_mlp), float("-inf"), dtype=m.dtype, device=m.device)
+    low = torch.full((batch, d_mlp), float("inf"), dtype=m.dtype, device=m.device) if lowest else None
+    for row, (start, end) in enumerate(spans.runs):
+        if end <= start:
+            continue
+        torch.amax(m[row, start:end], dim=0, out=high[row])
+        if low is not None:
+            torch.amin(m[row, start:end], dim=0, out=low[row])
+    return low, high
+
+
+def _merge_gated(
+    state: TopKState, m: Tensor, valid: Tensor, spans: Spans, extreme: Tensor, unit_ids: Tensor, sign: int
+) -> TopKState:
+    """Merge each unit's extreme coefficient per key, looking up peak positions only where needed.
+
+    ``extreme`` is the maximum (``sign=1``) or minimum (``sign=-1``, the state then ranks
+    ``-extreme``). A pair that does not reach the row's k-th value can never enter, so its position
+    is not looked up; for the others it is the first position of the unit's run holding the extreme.
+    """
+    _check_unit_ids_nonnegative(unit_ids)
+    cand = (extreme if sign > 0 else extreme.neg()).to(state.values.dtype)
+    reach = torch.ge(cand, state.values[:, -1])
+    if not bool(reach.any()):  # the warm fast path
+        return state
+    if int(reach.sum()) * 8 > reach.numel():  # a cold state: most pairs reach, whole-tensor positions are cheaper
+        peaks = reduce_units(m if sign > 0 else m.neg(), valid)
+        return merge_topk(state, cand, peaks.positions, unit_ids)
+    units, keys = reach.nonzero().unbind(dim=1)
+    columns = m[units, :, keys]  # [pairs, pos]: each reaching pair's coefficients
+    grid = torch.arange(m.shape[1], device=m.device)
+    inside = (grid >= spans.starts[units, None]) & (grid < spans.ends[units, None])
+    hit = (columns == extreme[units, keys, None]) & inside
+    positions = torch.full(cand.shape, EMPTY_UNIT, dtype=torch.int64, device=m.device)
+    positions[units, keys] = hit.to(torch.uint8).argmax(dim=1)  # argmax returns the first maximum
+    return merge_topk(state, cand, positions, unit_ids)
 
 
 def merge_states(a: TopKState, b: TopKState) -> TopKState:

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from ffkv_lens import kernels
 from ffkv_lens.errors import ConfigError
 from ffkv_lens.kernels import KERNELS_ENV, active_implementation
 from ffkv_lens.kernels import topk as ref
@@ -33,9 +34,13 @@ class Batch(NamedTuple):
 
 
 def make_stream(
-    seed: int, d_mlp: int, sizes: list[int], pos: int = 6, dtype=torch.float32, ties: bool = False
+    seed: int, d_mlp: int, sizes: list[int], pos: int = 6, dtype=torch.float32, ties: bool = False, holes: bool = True
 ) -> list[Batch]:
-    """Batches of right-padded units (BOS excluded, random holes, some rows all invalid) in random unit order."""
+    """Batches of right-padded units (BOS excluded, some rows all invalid) in random unit order.
+
+    With ``holes`` some valid positions are knocked out at random (the general masked path); without,
+    each unit's valid positions are one run, as in real batches (the span fast path).
+    """
     g = torch.Generator().manual_seed(seed)
     n_units = sum(sizes)
     ids = torch.randperm(3 * n_units + 1, generator=g)[:n_units]  # unique, unordered, with gaps
@@ -46,7 +51,8 @@ def make_stream(
             m = (m * 1.5).round() / 2  # a handful of levels: many equal values within and across units
         lengths = torch.randint(0, pos + 1, (size,), generator=g)
         valid = torch.arange(pos) < lengths[:, None]
-        valid &= torch.rand(size, pos, generator=g) > 0.15
+        if holes:
+            valid &= torch.rand(size, pos, generator=g) > 0.15
         valid[:, 0] = False
         if size >= 3:
             valid[1] = False  # a unit with no valid position is no candidate
@@ -140,6 +146,43 @@ def test_reference_matches_oracle(name: str) -> None:
     stream, dtype = _stream_of(case)
     actual = run_stream(ref.update_topk, stream, case["d_mlp"], case["k"], dtype)
     assert state_mismatch(actual, oracle(stream, case["d_mlp"], case["k"], dtype)) == ""
+
+
+# Runs without holes take the span fast path; long streams warm the state so gating skips work.
+RUN_CASES = {
+    "d7-k5-float32-ties-long": dict(d_mlp=7, k=5, dtype="float32", ties=True, sizes=[8] * 30, pos=12),
+    "d64-k5-float32-distinct-long": dict(d_mlp=64, k=5, dtype="float32", ties=False, sizes=[8] * 30, pos=12),
+    "d100-k3-float64-ties-long": dict(d_mlp=100, k=3, dtype="float64", ties=True, sizes=[1, 8, 0, 13] * 6, pos=9),
+    "d33-k64-float32-ties-unfilled": dict(d_mlp=33, k=64, dtype="float32", ties=True, sizes=[13, 8, 1], pos=7),
+}
+
+
+def _run_stream_of(case: dict, seed: int = 0) -> tuple[list[Batch], torch.dtype]:
+    dtype = getattr(torch, case["dtype"])
+    stream = make_stream(seed, case["d_mlp"], case["sizes"], case["pos"], dtype=dtype, ties=case["ties"], holes=False)
+    return stream, dtype
+
+
+@pytest.mark.parametrize("name", list(RUN_CASES))
+def test_span_fast_path_matches_oracle(name: str) -> None:
+    case = RUN_CASES[name]
+    stream, dtype = _run_stream_of(case)
+    assert all(ref._spans(b.valid) is not None for b in stream)  # the fast path is the one tested
+    actual = run_stream(ref.update_topk, stream, case["d_mlp"], case["k"], dtype)
+    assert state_mismatch(actual, oracle(stream, case["d_mlp"], case["k"], dtype)) == ""
+
+
+@pytest.mark.parametrize("name", [*RUN_CASES, "d7-k5-float32-ties", "d100-k1-float64-ties"])
+def test_signed_update_equals_top_of_m_and_of_minus_m(name: str) -> None:
+    case = RUN_CASES.get(name) or CASES[name]
+    stream, dtype = _run_stream_of(case) if name in RUN_CASES else _stream_of(case)
+    d, k = case["d_mlp"], case["k"]
+    top, bottom = TopKState.empty(d, k, dtype=dtype), TopKState.empty(d, k, dtype=dtype)
+    for m, valid, unit_ids in stream:
+        top, bottom = kernels.update_topk_signed(top, bottom, m, valid, unit_ids)
+    negated = [Batch(-b.m, b.valid, b.unit_ids) for b in stream]
+    assert state_mismatch(top, oracle(stream, d, k, dtype)) == ""
+    assert state_mismatch(bottom, oracle(negated, d, k, dtype)) == ""
 
 
 @pytest.mark.parametrize("name", ["d7-k5-float32-ties", "d100-k5-float64-distinct"])
