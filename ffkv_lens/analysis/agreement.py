@@ -30,7 +30,7 @@ from torch import Tensor
 from ffkv_lens.analysis.values import ValueProjection, project_values_and_ranks, value_ranks
 from ffkv_lens.errors import AtlasMismatchError, ConfigError
 
-__all__ = ["AgreementConfig", "AgreementResult", "next_token_ids", "value_agreement"]
+__all__ = ["AgreementConfig", "AgreementResult", "agreement_targets", "next_token_ids", "value_agreement"]
 
 log = logging.getLogger(__name__)
 Variant = Literal["paper", "signed"]
@@ -102,6 +102,15 @@ class AgreementResult:
     def to_pandas(self) -> Any:
         """The per-layer table."""
         return self.per_layer
+
+
+def agreement_targets(atlas: Any, sign: int = 1) -> dict[int, Int[Tensor, " d_mlp"]]:
+    """Per layer, the next token of each key's top-1 (``sign=-1``: bottom-1) trigger; ``-1`` if none.
+
+    These are the tokens whose rank ``value_agreement`` needs; pass them to
+    ``project_values(rank_targets={sign: ...})`` to rank them during the projection.
+    """
+    return {layer: next_token_ids(atlas, layer, sign=sign)[:, 0] for layer in atlas.layers}
 
 
 def next_token_ids(atlas: Any, layer: int, *, sign: int = 1) -> Int[Tensor, "d_mlp k"]:
@@ -234,6 +243,9 @@ def _projection_and_ranks(
     if projection is None:
         return project_values_and_ranks(lens, top_k=1, layers=atlas.layers, targets=targets, sign=sign)
     _check_projection(lens, atlas, projection)
+    stored = projection.target_ranks.get(sign, {})
+    if all(layer in stored and torch.equal(stored[layer][:, 0], target) for layer, target in targets.items()):
+        return projection, {layer: stored[layer][:, 1] for layer in targets}  # ranked with the projection
     ranks = {}
     for layer, target in targets.items():
         ranks[layer] = torch.full_like(target, -1)
@@ -308,7 +320,7 @@ def value_agreement(
     sign = config.sign
     nexts = {layer: next_token_ids(atlas, layer, sign=sign) for layer in atlas.layers}
     with torch.no_grad():
-        targets = {layer: nxt[:, 0] for layer, nxt in nexts.items()}
+        targets = {layer: nxt[:, 0] for layer, nxt in nexts.items()}  # = agreement_targets(atlas, sign)
         projection, ranks = _projection_and_ranks(lens, atlas, projection, targets, sign)
     unigram = _unigram(atlas)
     rows, parts = [], []

@@ -144,6 +144,9 @@ class ValueProjection:
         tokenizer: Decodes tokens in :meth:`to_pandas`.
         top1: ``{layer: [d_mlp]}`` each value's top token (derived once, for gathers).
         bottom1: ``{layer: [d_mlp]}`` each value's bottom token.
+        target_ranks: ``{sign: {layer: [d_mlp, 2]}}`` given target tokens (column 0, ``-1``: none)
+            and their ranks (column 1) computed in the same pass (``project_values(rank_targets=...)``);
+            ``value_agreement`` reuses them when its targets are the same instead of projecting again.
     """
 
     top_ids: dict[int, Int[Tensor, "d_mlp k"]]
@@ -154,6 +157,7 @@ class ValueProjection:
     settings: dict[str, Any]
     lens: Any = field(default=None, repr=False)
     tokenizer: Any = field(default=None, repr=False)
+    target_ranks: dict[int, dict[int, Int[Tensor, "d_mlp 2"]]] = field(default_factory=dict, repr=False)
     top1: dict[int, Int[Tensor, " d_mlp"]] = field(init=False, repr=False)
     bottom1: dict[int, Int[Tensor, " d_mlp"]] = field(init=False, repr=False)
 
@@ -235,6 +239,8 @@ class ValueProjection:
             for name in _FIELDS
             for layer in self.layers
         }
+        for sign, by_layer in self.target_ranks.items():
+            tensors.update({f"target_ranks.{sign}.{layer}": t.contiguous().cpu() for layer, t in by_layer.items()})
         with atomic_folder(path) as tmp:
             save_file(tensors, str(tmp / "projection.safetensors"))
             manifest = {"format": FORMAT, "layers": self.layers, "settings": self.settings}
@@ -258,7 +264,12 @@ class ValueProjection:
             )
         tensors = load_file(str(path / "projection.safetensors"))
         parts = {name: {layer: tensors[f"{name}.{layer}"] for layer in manifest["layers"]} for name in _FIELDS}
-        return cls(**parts, settings=settings, lens=lens, tokenizer=tokenizer)
+        target_ranks: dict[int, dict[int, Tensor]] = {}
+        for key, tensor in tensors.items():
+            if key.startswith("target_ranks."):
+                _, sign, layer = key.split(".")
+                target_ranks.setdefault(int(sign), {})[int(layer)] = tensor
+        return cls(**parts, settings=settings, lens=lens, tokenizer=tokenizer, target_ranks=target_ranks)
 
 
 def _count_beats(logits: Tensor, token_ids: Tensor, sign: int) -> Tensor:
@@ -269,8 +280,12 @@ def _count_beats(logits: Tensor, token_ids: Tensor, sign: int) -> Tensor:
     return torch.where(token_ids >= 0, beats.sum(dim=1), -1).cpu()
 
 
-def _project_layer(lens: Any, layer: int, k: int, chunk: int, targets: Tensor | None, sign: int) -> dict[str, Tensor]:
-    parts: dict[str, list[Tensor]] = {name: [] for name in (*_FIELDS, "ranks")}
+def _project_layer(
+    lens: Any, layer: int, k: int, chunk: int, wanted: dict[int, Tensor]
+) -> tuple[dict[str, Tensor], dict[int, Tensor]]:
+    """One layer's top/bottom tokens, and the ranks of ``wanted[sign]`` (one id per memory) per sign."""
+    parts: dict[str, list[Tensor]] = {name: [] for name in _FIELDS}
+    ranks: dict[int, list[Tensor]] = {sign: [] for sign in wanted}
     for start in range(0, lens.d_mlp, chunk):
         logits = lens.value_logits(layer, memories=torch.arange(start, min(start + chunk, lens.d_mlp)))
         top_vals, top_ids = topk_by_logit(logits, k, largest=True)
@@ -278,9 +293,9 @@ def _project_layer(lens: Any, layer: int, k: int, chunk: int, targets: Tensor | 
         max_prob = (top_vals[:, 0] - torch.logsumexp(logits, dim=-1)).exp()
         for name, value in zip(_FIELDS, (top_ids, top_vals, bottom_ids, bottom_vals, max_prob), strict=True):
             parts[name].append(value.cpu())
-        if targets is not None:  # ranks in the same pass (value_agreement), saving a second projection
-            parts["ranks"].append(_count_beats(logits, targets[start : start + chunk], sign))
-    return {name: torch.cat(values) for name, values in parts.items() if values}
+        for sign, targets in wanted.items():  # ranks in the same pass, saving another projection
+            ranks[sign].append(_count_beats(logits, targets[start : start + chunk], sign))
+    return {name: torch.cat(values) for name, values in parts.items()}, {s: torch.cat(r) for s, r in ranks.items()}
 
 
 def project_values(
@@ -290,6 +305,7 @@ def project_values(
     layers: int | Sequence[int] | None = None,
     chunk_memories: int | None = None,
     memory_budget_mb: int | float = DEFAULT_BUDGET_MB,
+    rank_targets: dict[int, dict[int, Tensor]] | None = None,
 ) -> ValueProjection:
     """Top-k and bottom-k tokens and max probability of every value of the requested layers.
 
@@ -301,13 +317,50 @@ def project_values(
             ``[chunk, d_vocab]`` block in ``memory_budget_mb`` (the peak is a few such blocks).
             Does not change the result.
         memory_budget_mb: See ``chunk_memories``.
+        rank_targets: ``{sign: {layer: [d_mlp] token ids}}`` (``-1``: none): also rank these tokens
+            in the same pass (see :func:`value_ranks`); kept in ``target_ranks``. The targets of
+            ``value_agreement`` are ``ffkv_lens.analysis.agreement.agreement_targets(atlas, sign)``.
 
     Returns:
         A :class:`ValueProjection` (its ``settings`` record ``lens.value_readout_mode``).
     """
-    return project_values_and_ranks(
-        lens, top_k=top_k, layers=layers, chunk_memories=chunk_memories, memory_budget_mb=memory_budget_mb
-    )[0]
+    if not isinstance(top_k, int) or top_k < 1:
+        raise ConfigError(f"top_k={top_k!r}; pass a positive integer (e.g. 10).")
+    chosen = lens.adapter.check_layers(layers)
+    chunk = chunk_size(lens.d_vocab, chunk_memories=chunk_memories, memory_budget_mb=memory_budget_mb)
+    k = min(top_k, lens.d_vocab)
+    rank_targets = rank_targets or {}
+    for sign, targets in rank_targets.items():
+        if sign not in (1, -1):
+            raise ConfigError(f"rank_targets has sign {sign!r}; use 1 (top) or -1 (bottom).")
+        bad = [layer for layer in chosen if tuple(getattr(targets.get(layer), "shape", ())) != (lens.d_mlp,)]
+        if bad:
+            raise ConfigError(
+                f"targets lacks layers {bad} or has the wrong shape; map each layer to {lens.d_mlp} token ids."
+            )
+    start = time.perf_counter()
+    parts: dict[str, dict[int, Tensor]] = {name: {} for name in _FIELDS}
+    target_ranks: dict[int, dict[int, Tensor]] = {sign: {} for sign in rank_targets}
+    with torch.no_grad():
+        for layer in chosen:
+            wanted = {sign: targets[layer].long().cpu() for sign, targets in rank_targets.items()}
+            values, ranks = _project_layer(lens, layer, k, chunk, wanted)
+            for name, value in values.items():
+                parts[name][layer] = value
+            for sign, rank in ranks.items():
+                target_ranks[sign][layer] = torch.stack([wanted[sign], rank], dim=1)
+            log.info("projected the values of layer %d (%.1f s so far)", layer, time.perf_counter() - start)
+    settings = {
+        "top_k": k,
+        "layers": chosen,
+        "value_readout_mode": lens.value_readout_mode,
+        "d_vocab": lens.d_vocab,
+        "d_mlp": lens.d_mlp,
+        "model": lens.adapter.describe(),
+        "definitions": DEFINITIONS,
+        "chunk_memories": chunk,  # speed and memory only
+    }
+    return ValueProjection(**parts, settings=settings, lens=lens, target_ranks=target_ranks)
 
 
 def project_values_and_ranks(
@@ -325,37 +378,9 @@ def project_values_and_ranks(
     ``targets[layer]`` holds one token id per memory (``-1``: no target, rank ``-1``); ranks are
     those of :func:`value_ranks` with the same ``sign``. Used by ``value_agreement``.
     """
-    if not isinstance(top_k, int) or top_k < 1:
-        raise ConfigError(f"top_k={top_k!r}; pass a positive integer (e.g. 10).")
-    chosen = lens.adapter.check_layers(layers)
-    chunk = chunk_size(lens.d_vocab, chunk_memories=chunk_memories, memory_budget_mb=memory_budget_mb)
-    k = min(top_k, lens.d_vocab)
-    bad = [
-        layer
-        for layer in chosen
-        if targets is not None and tuple(getattr(targets.get(layer), "shape", ())) != (lens.d_mlp,)
-    ]
-    if bad:
-        raise ConfigError(
-            f"targets lacks layers {bad} or has the wrong shape; map each layer to {lens.d_mlp} token ids."
-        )
-    start = time.perf_counter()
-    parts: dict[str, dict[int, Tensor]] = {name: {} for name in (*_FIELDS, "ranks")}
-    with torch.no_grad():
-        for layer in chosen:
-            wanted = None if targets is None else targets[layer].long().cpu()
-            for name, value in _project_layer(lens, layer, k, chunk, wanted, sign).items():
-                parts[name][layer] = value
-            log.info("projected the values of layer %d (%.1f s so far)", layer, time.perf_counter() - start)
-    settings = {
-        "top_k": k,
-        "layers": chosen,
-        "value_readout_mode": lens.value_readout_mode,
-        "d_vocab": lens.d_vocab,
-        "d_mlp": lens.d_mlp,
-        "model": lens.adapter.describe(),
-        "definitions": DEFINITIONS,
-        "chunk_memories": chunk,  # speed and memory only
-    }
-    ranks = parts.pop("ranks")
-    return ValueProjection(**parts, settings=settings, lens=lens), ranks
+    projection = project_values(
+        lens, top_k=top_k, layers=layers, chunk_memories=chunk_memories, memory_budget_mb=memory_budget_mb,
+        rank_targets=None if targets is None else {sign: targets},
+    )  # fmt: skip
+    ranks = {layer: pair[:, 1] for layer, pair in projection.target_ranks.get(sign, {}).items()}
+    return projection, ranks

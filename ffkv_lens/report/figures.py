@@ -9,8 +9,11 @@ Example:
     >>> plot_agreement(result.per_layer, n_layers=30, out="runs/fig_agreement")  # doctest: +SKIP
 """
 
+import math
 from pathlib import Path
 from typing import Any, Literal
+
+import numpy as np
 
 from ffkv_lens.errors import ConfigError
 
@@ -102,7 +105,15 @@ def plot_rank(frame: Any, *, n_layers: int | None = None, x: XAxis = "layer", ou
     fig, ax = _figure("Rank of the trigger's next token in the value's distribution")
     xs, label = _x(frame, n_layers, x)
     _line(ax, xs, frame, "median_rank", "median rank", _PALETTE[0])
+    top = float(np.nanmax(frame["median_rank"].to_numpy(dtype=float), initial=1.0))
+    if "baseline_uniform" in frame and frame["baseline_uniform"].notna().any():
+        middle = 0.5 / float(frame["baseline_uniform"].dropna().iloc[0])  # |V| / 2: a value unrelated to the token
+        ax.axhline(middle, color="grey", ls="--", lw=1, label="random (|V| / 2)")
+        top = max(top, middle)
+        ax.legend(fontsize=8)
     ax.set_yscale("symlog")
+    # Whole decades, from 0: a range inside one decade would otherwise get no tick labels.
+    ax.set_ylim(0, 10 ** math.ceil(math.log10(max(top, 1.0) + 1)))
     ax.set_xlabel(label)
     ax.set_ylabel("median rank (0 = top)")
     return save_figure(fig, out)

@@ -14,10 +14,10 @@ import torch
 
 from ffkv_lens import Corpus, MemoryLens
 from ffkv_lens.adapters import MemoryAdapter
-from ffkv_lens.analysis import value_agreement
-from ffkv_lens.analysis.agreement import AgreementConfig, next_token_ids
+from ffkv_lens.analysis import agreement, value_agreement
+from ffkv_lens.analysis.agreement import AgreementConfig, agreement_targets, next_token_ids
 from ffkv_lens.analysis.atlas import LayerTopK, TriggerAtlas, UnitStore, tokenizer_fingerprint
-from ffkv_lens.analysis.values import project_values
+from ffkv_lens.analysis.values import ValueProjection, project_values
 from ffkv_lens.errors import AtlasMismatchError, ConfigError
 from tests.factories import FAMILY_NAMES
 
@@ -177,6 +177,7 @@ def test_errors_are_named() -> None:
 
 
 # -- brute force on tiny models of every family -------------------------------------------------
+VARIANTS = ("paper", "signed")
 TEXTS = [
     "The capital of France is Paris. The capital of Italy is Rome.",
     "Memories in feed-forward layers store patterns. They promote tokens!",
@@ -211,6 +212,30 @@ def brute_force(lens: MemoryLens, atlas: TriggerAtlas, sign: int) -> dict[int, d
 def _nullable(series: pd.Series) -> list:
     """Values with missing entries (pd.NA, None, NaN) as None."""
     return [None if pd.isna(x) else x for x in series.tolist()]
+
+
+@torch.no_grad()
+def test_ranks_from_the_projection_pass_are_reused_and_equal(tiny_bridge, monkeypatch, tmp_path) -> None:
+    lens = MemoryLens(tiny_bridge("llama"))
+    atlas = lens.search_triggers(Corpus.from_texts(TEXTS), k=4, signed=True, progress=False, max_len=12)
+    plain = project_values(lens, top_k=3, chunk_memories=5)
+    targets = {sign: agreement_targets(atlas, sign) for sign in (1, -1)}
+    ranked = ValueProjection.load(
+        project_values(lens, top_k=3, chunk_memories=7, rank_targets=targets).save(tmp_path / "v"), lens=lens
+    )
+    expected = {v: value_agreement(lens, atlas, plain, variant=v, n_bootstrap=0, n_permutations=0) for v in VARIANTS}
+    calls = []
+    monkeypatch.setattr(agreement, "value_ranks", lambda *a, **kw: calls.append(a))
+    for variant in VARIANTS:  # the stored ranks answer: no rank pass (value_ranks never called)
+        got = value_agreement(lens, atlas, ranked, variant=variant, n_bootstrap=0, n_permutations=0)
+        assert got.per_layer.equals(expected[variant].per_layer)
+        assert got.per_memory.equals(expected[variant].per_memory)
+    assert calls == []
+    # Other targets (another atlas) are not answered from the stored ranks.
+    other = lens.search_triggers(Corpus.from_texts(TEXTS[:2]), k=4, signed=True, progress=False, max_len=12)
+    with pytest.raises(TypeError):  # the patched value_ranks returns None: proof that it was called
+        value_agreement(lens, other, ranked, n_bootstrap=0, n_permutations=0)
+    assert len(calls) >= 1
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
