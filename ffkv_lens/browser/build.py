@@ -1,0 +1,222 @@
+"""Fill a fresh browser index from a run folder (called by :func:`ffkv_lens.browser.index.build_index`).
+
+Everything is inserted with ``executemany`` inside the caller's single transaction. Example text is
+made once per distinct context (:mod:`ffkv_lens.browser.text`), never once per example.
+"""
+
+import json
+import logging
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ffkv_lens.browser.index import normalize_token
+from ffkv_lens.browser.text import context_keys, decode_contexts, decode_tokens
+from ffkv_lens.errors import RunFolderError
+from ffkv_lens.storage import read_json
+
+__all__ = ["fill_index"]
+
+log = logging.getLogger(__name__)
+_SIGNS = ((1, "top"), (-1, "bottom"))
+
+
+def fill_index(conn: sqlite3.Connection, folder: Path, *, progress: bool = False) -> dict[str, Any]:
+    """Insert every table's rows; returns the ``meta`` entries describing the run and the index."""
+    from tqdm.auto import tqdm
+
+    from ffkv_lens.analysis.atlas import TriggerAtlas
+
+    atlas = TriggerAtlas.load(folder / "atlas")
+    if atlas.tokenizer is None:
+        raise RunFolderError(f"{folder / 'atlas'} was saved without its tokenizer; the browser needs it to show text.")
+    stages = 4 + 2 * len(atlas.layers)
+    with tqdm(total=stages, desc="browser index", unit="step", disable=not progress) as bar:
+        parts = _example_parts(atlas)
+        keys = np.concatenate([p["keys"] for p in parts]) if parts else np.zeros(0, dtype=np.int64)
+        unique, inverse = np.unique(keys, return_inverse=True)
+        bar.update()
+        contexts = decode_contexts(atlas.units, atlas.tokenizer, unique)
+        _insert_contexts(conn, contexts)
+        bar.update()
+        start = 0
+        for part in parts:
+            stop = start + part["keys"].size
+            _insert_examples(conn, part, inverse[start:stop])
+            start = stop
+            bar.update()
+        bar.update(2 * len(atlas.layers) - len(parts))
+        found = _insert_memories(conn, folder, atlas, parts)
+        bar.update()
+        _insert_layers(conn)
+        bar.update()
+    return _meta(folder, atlas, found, n_examples=int(keys.size), contexts=contexts)
+
+
+def _example_parts(atlas: Any) -> list[dict[str, Any]]:
+    """Per (layer, sign): memory ids, ranks, coefficients and context keys of the valid examples."""
+    parts = []
+    for sign, _ in _SIGNS:
+        tables = atlas.top if sign == 1 else atlas.bottom
+        for layer in atlas.layers if tables is not None else []:
+            table = tables[layer]
+            units, positions = table.units.numpy(), table.positions.numpy()
+            key, rank = np.nonzero(units >= 0)
+            parts.append(
+                {
+                    "layer": layer,
+                    "sign": sign,
+                    "memory": layer * atlas.d_mlp + key,
+                    "key": key,
+                    "rank": rank,
+                    "coefficient": table.values.double().numpy()[key, rank],
+                    "keys": context_keys(atlas.units, units[key, rank], positions[key, rank]),
+                }
+            )
+    return parts
+
+
+def _insert_contexts(conn: sqlite3.Connection, c: Any) -> None:
+    rows = zip(
+        range(len(c.prefixes)), c.unit_ids.tolist(), c.doc_ids.tolist(), c.positions.tolist(), c.prefixes,
+        c.peak_starts, c.next_tokens, [None if t < 0 else t for t in c.next_token_ids.tolist()], strict=True,
+    )  # fmt: skip
+    conn.executemany("INSERT INTO contexts VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    texts = ((i, p + (n or "")) for i, (p, n) in enumerate(zip(c.prefixes, c.next_tokens, strict=True)))
+    conn.executemany("INSERT INTO context_fts(rowid, text) VALUES (?, ?)", texts)
+
+
+def _insert_examples(conn: sqlite3.Connection, part: dict[str, Any], context: np.ndarray) -> None:
+    rows = zip(
+        part["memory"].tolist(), [part["sign"]] * context.size, part["rank"].tolist(), context.tolist(),
+        part["coefficient"].tolist(), strict=True,
+    )  # fmt: skip
+    conn.executemany("INSERT INTO examples VALUES (?, ?, ?, ?, ?)", rows)
+
+
+def _insert_memories(conn: sqlite3.Connection, folder: Path, atlas: Any, parts: list[dict[str, Any]]) -> dict:
+    """Memories (with value tokens and scores where the run has them), tokens and value_tokens."""
+    import pandas as pd
+
+    d_mlp, layers = atlas.d_mlp, atlas.layers
+    frame = pd.DataFrame({"layer": np.repeat(layers, d_mlp), "key": np.tile(np.arange(d_mlp), len(layers))})
+    for sign, name in _SIGNS:
+        counts = {(p["layer"], k): n for p in parts if p["sign"] == sign for k, n in _counts(p["key"])}
+        frame[f"n_{name}"] = [counts.get(lk, 0) for lk in zip(frame.layer, frame.key, strict=True)]
+    found = {"values": False, "agreement": False, "mutation": False}
+    values = _values_frame(folder, layers)
+    if values is not None:
+        values = _insert_tokens(conn, atlas.tokenizer, values, d_mlp)
+        frame = frame.merge(values, on=["layer", "key"], how="left")
+        found["values"] = True
+    agreement = _read_table(folder, "agreement_per_memory", ["precision_at_k", "agrees", "rank", "top1_next_token"])
+    if agreement is not None:
+        frame = frame.merge(agreement.rename(columns={"rank": "next_rank"}), on=["layer", "key"], how="left")
+        found["agreement"] = True
+    mutation = _read_table(folder, "mutation_per_key", ["shallow_score", "kind"])
+    if mutation is not None:
+        frame = frame.merge(mutation.rename(columns={"kind": "mutation_kind"}), on=["layer", "key"], how="left")
+        found["mutation"] = True
+    frame["id"] = frame.layer * d_mlp + frame.key
+    columns = [
+        "id", "layer", "key", "top_ids", "top_tokens", "top_logits", "bottom_ids", "bottom_tokens", "bottom_logits",
+        "max_prob", "precision_at_k", "agrees", "next_rank", "top1_next_token", "shallow_score", "mutation_kind",
+        "n_top", "n_bottom",
+    ]  # fmt: skip
+    frame = frame.reindex(columns=columns)
+    frame = frame.astype(object).where(frame.notna(), None)
+    conn.executemany(f"INSERT INTO memories VALUES ({', '.join('?' * len(columns))})", frame.itertuples(index=False))
+    return found
+
+
+def _counts(keys: np.ndarray) -> list[tuple[int, int]]:
+    uniq, counts = np.unique(keys, return_counts=True)
+    return list(zip(uniq.tolist(), counts.tolist(), strict=True))
+
+
+def _values_frame(folder: Path, layers: list[int]) -> Any:
+    """Value tokens per memory as JSON columns (decoded later), or None when the run has no values."""
+    from ffkv_lens.analysis.values import ValueProjection
+
+    if not (folder / "values" / "manifest.json").is_file():
+        return None
+    projection = ValueProjection.load(folder / "values")
+    frame = projection.to_pandas(layers=[lay for lay in layers if lay in projection.layers], text=False)
+    return frame if len(frame) else None
+
+
+def _insert_tokens(conn: sqlite3.Connection, tokenizer: Any, values: Any, d_mlp: int) -> Any:
+    """Decode every value token once; fill tokens, value_tokens, value_fts; returns values with JSON columns."""
+    values = values.copy()
+    ids = np.array([t for col in ("top_ids", "bottom_ids") for row in values[col] for t in row], dtype=np.int64)
+    text = decode_tokens(tokenizer, ids)
+    conn.executemany("INSERT INTO tokens VALUES (?, ?, ?)", ((t, s, normalize_token(s)) for t, s in text.items()))
+    memory = (values.layer * d_mlp + values.key).tolist()
+    for side, name in _SIGNS:
+        rows = (
+            (t, side, m, rank, logit)
+            for m, row, logits in zip(memory, values[f"{name}_ids"], values[f"{name}_logits"], strict=True)
+            for rank, (t, logit) in enumerate(zip(row, logits, strict=True))
+        )
+        conn.executemany("INSERT INTO value_tokens VALUES (?, ?, ?, ?, ?)", rows)
+        values[f"{name}_tokens"] = [
+            json.dumps([text[t] for t in row], ensure_ascii=False) for row in values[f"{name}_ids"]
+        ]
+    fts = (
+        (m, " ".join(text[t] for t in top), " ".join(text[t] for t in bottom))
+        for m, top, bottom in zip(memory, values["top_ids"], values["bottom_ids"], strict=True)
+    )
+    conn.executemany("INSERT INTO value_fts(rowid, top, bottom) VALUES (?, ?, ?)", fts)
+    for column in ("top_ids", "top_logits", "bottom_ids", "bottom_logits"):
+        values[column] = [json.dumps(row) for row in values[column]]
+    return values
+
+
+def _read_table(folder: Path, name: str, columns: list[str]) -> Any:
+    import pandas as pd
+
+    path = folder / "tables" / f"{name}.csv"
+    if not path.is_file():
+        return None
+    # Tokens such as "null", "NA" or "None" are text, not missing values; a "\r" token is written unquoted
+    # (pandas quotes only the "\n" line terminator), so only "\n" may end a row.
+    frame = pd.read_csv(path, keep_default_na=False, na_values=[""], lineterminator="\n")
+    if "agrees" in frame:
+        frame["agrees"] = frame["agrees"].map({True: 1, False: 0, "True": 1, "False": 0})
+    missing = [c for c in ("layer", "key", *columns) if c not in frame.columns]
+    if missing:
+        log.warning("%s lacks columns %s; its scores are not shown", path, missing)
+        return None
+    return frame[["layer", "key", *columns]]
+
+
+def _insert_layers(conn: sqlite3.Connection) -> None:
+    conn.execute(
+        """INSERT INTO layers SELECT layer, COUNT(*), SUM(n_top + n_bottom), AVG(max_prob), AVG(precision_at_k),
+           AVG(agrees), COUNT(shallow_score),
+           AVG(CASE mutation_kind WHEN 'shallow' THEN 1.0 WHEN 'semantic' THEN 0.0 END)
+           FROM memories GROUP BY layer"""
+    )
+
+
+def _meta(folder: Path, atlas: Any, found: dict[str, bool], *, n_examples: int, contexts: Any) -> dict[str, Any]:
+    manifest = read_json(folder / "manifest.json")
+    model = manifest.get("model") or {}
+    return {
+        "run": str(folder.resolve()),
+        "model": manifest.get("config", {}).get("model") or model.get("model_name"),
+        "status": manifest.get("status"),
+        "layers": atlas.layers,
+        "d_mlp": atlas.d_mlp,
+        "k": atlas.k,
+        "signed": atlas.signed,
+        "n_examples": n_examples,
+        "n_contexts": len(contexts.prefixes),
+        "n_units": int(np.unique(contexts.unit_ids).size),
+        "units_by_offsets": contexts.exact_units,
+        "has": found,
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }

@@ -1,0 +1,195 @@
+"""The memory browser's local web server: one self-contained page and a small JSON API.
+
+Standard library only (``http.server.ThreadingHTTPServer``): the API is four GET routes over
+read-only SQLite, so a web framework would add a dependency and nothing else. The server binds to
+a loopback address only (it has no authentication) and answers only requests whose ``Host``
+header names it, which stops DNS-rebinding pages from reading the API.
+
+Routes (all GET; bad parameters give HTTP 400 with ``{"error": "..."}``):
+
+- ``/``: the page (inline JS and CSS, no external resources).
+- ``/api/info``: model, layers, d_mlp, k, what the run folder holds.
+- ``/api/layers``: per-layer summary.
+- ``/api/memory?layer=L&key=K``: one memory (examples, value tokens, scores, neighbours).
+- ``/api/search/token?q=TOKEN[&sign=1|-1][&limit=N]``: memories whose value promotes the token.
+- ``/api/search/text?q=TEXT[&limit=N]``: memories whose trigger examples contain the text.
+
+Example:
+    >>> server = BrowserServer("runs/smollm2/browser.sqlite", port=0)  # doctest: +SKIP
+    >>> print(server.url); server.serve_forever()  # doctest: +SKIP
+"""
+
+import errno
+import ipaddress
+import json
+import logging
+import socket
+import sqlite3
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from ffkv_lens.browser.queries import DEFAULT_LIMIT, BrowserIndex
+from ffkv_lens.errors import ConfigError
+
+__all__ = ["BrowserServer"]
+
+log = logging.getLogger(__name__)
+_PAGE_CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+    "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+
+class BrowserServer(ThreadingHTTPServer):
+    """Serve one index on a loopback address; ``port=0`` picks a free port.
+
+    Args:
+        index_path: A built index (:func:`ffkv_lens.browser.open_index`).
+        host: A loopback address or ``localhost``.
+        port: TCP port (0: any free one).
+
+    Raises:
+        ConfigError: The host is not a loopback address, or the port is in use.
+    """
+
+    daemon_threads = True
+
+    def __init__(self, index_path: str | Path, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.index_path = Path(index_path)
+        with BrowserIndex(self.index_path) as index:  # fails early on a damaged index
+            self.info = index.info()
+        self.page = resources.files("ffkv_lens.browser").joinpath("page.html").read_bytes()
+        self.address_family = socket.AF_INET6 if ":" in _check_loopback(host) else socket.AF_INET
+        try:
+            super().__init__((host, port), _Handler)
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise ConfigError(
+                    f"port {port} on {host} is in use; pass --port 0 to pick a free port, or another --port."
+                ) from None
+            raise ConfigError(f"cannot listen on {host}:{port} ({err.strerror}); pass another --host/--port.") from None
+        self.host, self.port = host, self.server_address[1]
+
+    @property
+    def url(self) -> str:
+        """The page's address."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/"
+
+    def allowed_hosts(self) -> set[str]:
+        """``Host`` header values this server answers."""
+        names = {self.host, "localhost", "127.0.0.1", "[::1]", f"[{self.host}]"}
+        return {f"{name}:{self.port}" for name in names}
+
+
+def _check_loopback(host: str) -> str:
+    if host == "localhost":
+        return host
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ConfigError(
+            f"host={host!r} is not a loopback address; the browser has no authentication, so it listens on "
+            "127.0.0.1 (or ::1, localhost) only. From another machine use an SSH tunnel: ssh -L 8000:127.0.0.1:8000."
+        )
+    return host
+
+
+def _int(params: dict[str, str], name: str, default: int | None = None) -> int:
+    if name not in params:
+        if default is None:
+            raise ConfigError(f"{name} is missing; pass {name}=<integer>.")
+        return default
+    try:
+        return int(params[name])
+    except ValueError:
+        raise ConfigError(f"{name}={params[name]!r} is not an integer.") from None
+
+
+def _memory(index: BrowserIndex, p: dict[str, str]) -> Any:
+    return index.memory(_int(p, "layer"), _int(p, "key"))
+
+
+def _token(index: BrowserIndex, p: dict[str, str]) -> Any:
+    return index.search_token(p.get("q", ""), sign=_int(p, "sign", 1), limit=_int(p, "limit", DEFAULT_LIMIT))
+
+
+def _text(index: BrowserIndex, p: dict[str, str]) -> Any:
+    return index.search_text(p.get("q", ""), limit=_int(p, "limit", DEFAULT_LIMIT))
+
+
+# path -> (allowed parameters, handler)
+_ROUTES: dict[str, tuple[tuple[str, ...], Callable[[BrowserIndex, dict[str, str]], Any]]] = {
+    "/api/info": ((), lambda index, p: index.info()),
+    "/api/layers": ((), lambda index, p: {"layers": index.layer_summary()}),
+    "/api/memory": (("layer", "key"), _memory),
+    "/api/search/token": (("q", "sign", "limit"), _token),
+    "/api/search/text": (("q", "limit"), _text),
+}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: BrowserServer
+    server_version = "ffkv-lens-browser"
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        url = urlsplit(self.path)
+        host = self.headers.get("Host")
+        if host is not None and host not in self.server.allowed_hosts():
+            self._json(403, {"error": f"Host {host!r} is not this server; open {self.server.url}."})
+        elif url.path in ("/", "/index.html"):
+            self._send(200, self.server.page, "text/html; charset=utf-8", {"Content-Security-Policy": _PAGE_CSP})
+        elif url.path in _ROUTES:
+            self._api(url.path, url.query)
+        else:
+            self._json(404, {"error": f"no such page {url.path!r}; the API is under /api/ (see docs/browser.md)."})
+
+    def _api(self, path: str, query: str) -> None:
+        allowed, handler = _ROUTES[path]
+        try:
+            params = _params(query, allowed)
+            with BrowserIndex(self.server.index_path) as index:
+                body = handler(index, params)
+        except ConfigError as err:
+            self._json(400, {"error": str(err)})
+        except sqlite3.Error as err:
+            log.exception("query %s?%s failed", path, query)
+            self._json(500, {"error": f"the index could not answer ({err}); rebuild it with `ffkv-lens browse`."})
+        else:
+            self._json(200, body)
+
+    def _json(self, status: int, body: Any) -> None:
+        data = json.dumps(body, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        self._send(status, data, "application/json; charset=utf-8")
+
+    def _send(self, status: int, data: bytes, content_type: str, extra: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        headers = {"Content-Type": content_type, "Content-Length": str(len(data)), "Cache-Control": "no-store"}
+        headers.update({"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", **(extra or {})})
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's signature)
+        log.debug("%s %s", self.address_string(), format % args)
+
+
+def _params(query: str, allowed: tuple[str, ...]) -> dict[str, str]:
+    try:
+        parsed = parse_qs(query, keep_blank_values=True, strict_parsing=bool(query), errors="strict")
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(f"the query string {query!r} is malformed ({err}).") from None
+    unknown = sorted(set(parsed) - set(allowed))
+    if unknown:
+        raise ConfigError(f"unknown parameters {unknown}; this route takes {list(allowed) or 'none'}.")
+    repeated = sorted(name for name, values in parsed.items() if len(values) > 1)
+    if repeated:
+        raise ConfigError(f"parameters {repeated} are given more than once; give each once.")
+    return {name: values[0] for name, values in parsed.items()}

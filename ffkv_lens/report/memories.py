@@ -1,0 +1,365 @@
+"""A run folder read back without the model: tables, figures and single memories ("cards").
+
+:class:`RunFolder` opens the folder written by ``ffkv-lens run`` (``ffkv_lens.pipeline``) and
+reads whatever its finished steps left: tables, figures, the trigger atlas (which carries its
+tokenizer, so examples decode offline) and the value projection. :meth:`RunFolder.card` gathers
+everything about one memory; :meth:`RunFolder.gallery` picks the most interesting memories of a
+layer by the agreement and mutation tables; :func:`format_card` renders a card for a terminal.
+
+Example:
+    >>> run = RunFolder("runs/smollm2")  # doctest: +SKIP
+    >>> print(format_card(run.card(29, 1234, examples=5), color=False))  # doctest: +SKIP
+"""
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from ffkv_lens.errors import ConfigError, RunFolderError
+from ffkv_lens.storage import read_json
+
+__all__ = [
+    "ANALYSIS_STEPS",
+    "CATEGORIES",
+    "ExampleView",
+    "GalleryPick",
+    "MemoryCard",
+    "RunFolder",
+    "format_card",
+    "printable",
+]
+
+# The pipeline's steps before the report (``ffkv_lens.pipeline.STEPS``; a test keeps them in sync).
+ANALYSIS_STEPS = ("triggers", "values", "agreement", "mutation", "dynamics", "figures")
+RUN_FORMAT = "ffkv_lens.run/"  # manifest format prefix written by ffkv_lens.pipeline
+# Gallery categories: name -> (title, the step whose table ranks them).
+CATEGORIES = {
+    "agreement": ("Highest agreement", "agreement"),
+    "precision": ("Highest precision@k", "agreement"),
+    "shallow": ("Most shallow (mutation test)", "mutation"),
+    "semantic": ("Most semantic (mutation test)", "mutation"),
+}
+
+
+@dataclass(frozen=True)
+class ExampleView:
+    """One trigger example split around its peak token (``before + peak`` is the prefix)."""
+
+    rank: int
+    position: int
+    coefficient: float
+    before: str
+    peak: str
+    next_token: str | None
+    unit_id: int
+    doc_id: int
+
+
+@dataclass(frozen=True)
+class MemoryCard:
+    """Everything a run folder knows about one memory (layer, key).
+
+    Attributes:
+        layer: The layer.
+        key: The key (memory) index.
+        sign: 1: top-k trigger examples; -1: bottom-k (most negative) examples.
+        examples: The first ``examples`` trigger examples, best first.
+        kept: Trigger examples the atlas keeps for this key and sign.
+        top_tokens: ``(token, logit)`` of the value's highest logits; None when ``values`` did not run.
+        bottom_tokens: ``(token, logit)`` of its lowest logits; None likewise.
+        max_prob: Max softmax probability of the value's distribution; None likewise.
+        agreement: This memory's row of ``agreement_per_memory`` (sign 1 only), or None.
+        mutation: Its row of ``mutation_per_key`` when the key was tested (sign 1 only), or None.
+    """
+
+    layer: int
+    key: int
+    sign: int
+    examples: tuple[ExampleView, ...]
+    kept: int
+    top_tokens: tuple[tuple[str, float], ...] | None
+    bottom_tokens: tuple[tuple[str, float], ...] | None
+    max_prob: float | None
+    agreement: dict[str, Any] | None
+    mutation: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class GalleryPick:
+    """The memories of one gallery category in one layer.
+
+    Attributes:
+        category: A key of :data:`CATEGORIES`.
+        keys: The chosen keys, most interesting first (empty when the step did not run).
+        note: One line for the reader: what was ranked and how many qualify, or ``"not run"``.
+    """
+
+    category: str
+    keys: tuple[int, ...]
+    note: str
+
+
+class RunFolder:
+    """A run folder written by ``ffkv-lens run``, complete or not.
+
+    Args:
+        path: The folder (``--out`` of the run).
+
+    Raises:
+        RunFolderError: The folder does not exist or holds no ``manifest.json``.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            what = "is not a folder" if self.path.exists() else "does not exist"
+            raise RunFolderError(f"run folder {str(path)!r} {what}; pass the folder given to `ffkv-lens run --out`.")
+        if not (self.path / "manifest.json").is_file():
+            raise RunFolderError(
+                f"{str(path)!r} is not a run folder (no manifest.json); pass the folder given to `ffkv-lens run --out`."
+            )
+        self.manifest: dict[str, Any] = read_json(self.path / "manifest.json")
+        if not isinstance(self.manifest, dict) or not str(self.manifest.get("format", "")).startswith(RUN_FORMAT):
+            found = self.manifest.get("format") if isinstance(self.manifest, dict) else type(self.manifest).__name__
+            raise RunFolderError(
+                f"{str(path)!r} holds a manifest.json of format {found!r}, not an ffkv-lens run ({RUN_FORMAT}...); "
+                "pass the folder given to `ffkv-lens run --out`."
+            )
+        self._tables: dict[str, Any] = {}
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r}, status={self.manifest.get('status')!r}, steps={sorted(self.steps)})"
+
+    @property
+    def steps(self) -> dict[str, Any]:
+        """Finished steps: ``{name: {"seconds": ..., ...}}``."""
+        return self.manifest.get("steps", {})
+
+    def done(self, step: str) -> bool:
+        """Whether the step finished."""
+        return step in self.steps
+
+    @property
+    def complete(self) -> bool:
+        """Every analysis step finished (the report step itself may still be running)."""
+        return self.manifest.get("status") == "finished" or all(self.done(s) for s in ANALYSIS_STEPS)
+
+    def table(self, name: str) -> Any:
+        """``tables/<name>.csv`` as a DataFrame, or None when it was not written."""
+        if name not in self._tables:
+            import pandas as pd
+
+            path = self.path / "tables" / f"{name}.csv"
+            # Only "\n" ends a row: a decoded token "\r" is written unquoted by to_csv.
+            self._tables[name] = pd.read_csv(path, lineterminator="\n") if path.is_file() else None
+        return self._tables[name]
+
+    def settings(self, name: str) -> dict[str, Any] | None:
+        """``tables/<name>_settings.json``, or None."""
+        path = self.path / "tables" / f"{name}_settings.json"
+        return read_json(path) if path.is_file() else None
+
+    def figure(self, name: str) -> Path | None:
+        """``figures/<name>.svg`` (else ``.png``), or None when it was not drawn."""
+        for suffix in (".svg", ".png"):
+            path = self.path / "figures" / f"{name}{suffix}"
+            if path.is_file():
+                return path
+        return None
+
+    @cached_property
+    def atlas(self) -> Any:
+        """The trigger atlas (decodes offline with its saved tokenizer)."""
+        from ffkv_lens.analysis.atlas import TriggerAtlas
+
+        if not (self.path / "atlas" / "manifest.json").is_file():
+            raise RunFolderError(
+                f"{self.path} has no trigger atlas yet (run status {self.manifest.get('status')!r}, steps done: "
+                f"{sorted(self.steps) or 'none'}); finish the run by re-running the same `ffkv-lens run` command."
+            )
+        return TriggerAtlas.load(self.path / "atlas")
+
+    @cached_property
+    def projection(self) -> Any:
+        """The value projection, or None when the ``values`` step did not run."""
+        from ffkv_lens.analysis.values import ValueProjection
+
+        if not (self.path / "values" / "manifest.json").is_file():
+            return None
+        return ValueProjection.load(self.path / "values", tokenizer=self.atlas.tokenizer)
+
+    def check_memory(self, layer: int, key: int, sign: int = 1) -> None:
+        """Raise :class:`ConfigError` naming the valid range when (layer, key, sign) is not in the atlas."""
+        atlas = self.atlas
+        layers = atlas.layers
+        if layer not in layers:
+            span = f"{layers[0]} to {layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else layers
+            raise ConfigError(f"layer {layer} is out of range; this run has layers {span}: pass one of them.")
+        if not 0 <= key < atlas.d_mlp:
+            raise ConfigError(
+                f"key {key} is out of range; layer {layer} has keys 0 to {atlas.d_mlp - 1} (d_mlp {atlas.d_mlp}): "
+                "pass one of them."
+            )
+        if sign not in (1, -1):
+            raise ConfigError(f"sign {sign!r} is not allowed; use 1 (top-k examples) or -1 (bottom-k).")
+        if sign == -1 and not atlas.signed:
+            raise ConfigError(
+                "sign -1 needs bottom-k trigger examples, but this run's atlas kept only the top-k (it was run "
+                "with --unsigned); use sign 1, or re-run without --unsigned."
+            )
+
+    def card(self, layer: int, key: int, *, sign: int = 1, examples: int = 5) -> MemoryCard:
+        """Gather one memory: its first ``examples`` trigger examples, its value's tokens, its table rows."""
+        if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
+            raise ConfigError(f"examples={examples!r}; pass a positive integer.")
+        self.check_memory(layer, key, sign)
+        atlas = self.atlas
+        found = atlas.examples(layer, key, sign=sign)
+        views = []
+        for rank, example in enumerate(found[:examples]):
+            before, peak = atlas.prefix_parts(example)
+            views.append(
+                ExampleView(
+                    rank,
+                    example.position,
+                    example.coefficient,
+                    before,
+                    peak,
+                    example.next_token,
+                    example.unit_id,
+                    example.doc_id,
+                )
+            )
+        top, bottom, max_prob = self._value_tokens(layer, key)
+        return MemoryCard(
+            layer=layer,
+            key=key,
+            sign=sign,
+            examples=tuple(views),
+            kept=len(found),
+            top_tokens=top,
+            bottom_tokens=bottom,
+            max_prob=max_prob,
+            agreement=self._row("agreement_per_memory", layer, key) if sign == 1 else None,
+            mutation=self._row("mutation_per_key", layer, key) if sign == 1 else None,
+        )
+
+    def _value_tokens(self, layer: int, key: int) -> tuple[Any, Any, float | None]:
+        projection = self.projection
+        if projection is None or layer not in projection.top_ids:
+            return None, None, None
+        decode = self.atlas.tokenizer.batch_decode
+
+        def pairs(ids: Any, logits: Any) -> tuple[tuple[str, float], ...]:
+            ids = ids[key].tolist()
+            return tuple(zip(decode([[t] for t in ids]), logits[key].tolist(), strict=True))
+
+        top = pairs(projection.top_ids[layer], projection.top_logits[layer])
+        bottom = pairs(projection.bottom_ids[layer], projection.bottom_logits[layer])
+        return top, bottom, float(projection.max_prob[layer][key])
+
+    def _row(self, table: str, layer: int, key: int) -> dict[str, Any] | None:
+        frame = self.table(table)
+        if frame is None:
+            return None
+        rows = frame[(frame["layer"] == layer) & (frame["key"] == key)]
+        return None if rows.empty else rows.iloc[0].to_dict()
+
+    def gallery(self, layer: int, per_category: int = 3) -> list[GalleryPick]:
+        """The most interesting memories of ``layer``, ``per_category`` per :data:`CATEGORIES` entry.
+
+        Agreement: agreeing memories first, then by the rank of the top trigger's next token in the
+        value (so a layer without agreement shows its closest memories). Precision: by precision@k,
+        then rank. Shallow and semantic: the tested keys with the highest and lowest mutation
+        ``shallow_score``, never the same key twice.
+        """
+        picks = []
+        memory, mutation = self.table("agreement_per_memory"), self.table("mutation_per_key")
+        for name, (_, step) in CATEGORIES.items():
+            frame = memory if step == "agreement" else mutation
+            if frame is None:
+                picks.append(GalleryPick(name, (), "not run"))
+                continue
+            frame = frame[frame["layer"] == layer]
+            picks.append(_pick(name, frame, per_category, picks))
+        return picks
+
+
+def _pick(name: str, frame: Any, n: int, earlier: list[GalleryPick]) -> GalleryPick:
+    if name == "agreement":
+        counted = frame[frame["top1_next_token_id"].notna()].assign(agree=frame["agrees"].astype("boolean"))
+        ranked = counted.sort_values(["agree", "precision_at_k", "rank", "key"], ascending=[False, False, True, True])
+        note = (
+            f"{int(counted['agree'].sum())} of {len(counted)} memories agree; ranked by agreement, "
+            "precision@k, then the rank of the next token in the value"
+        )
+    elif name == "precision":
+        ranked = frame[frame["precision_at_k"] > 0].sort_values(
+            ["precision_at_k", "rank", "key"], ascending=[False, True, True]
+        )
+        note = f"{len(ranked)} of {len(frame)} memories have precision@k above 0"
+    else:
+        tested = frame.sort_values(["shallow_score", "key"], ascending=[name == "semantic", True])
+        if name == "shallow":
+            tested = tested.head(math.ceil(len(tested) / 2))
+        else:
+            taken = {k for pick in earlier if pick.category == "shallow" for k in pick.keys}
+            tested = tested[~tested["key"].isin(taken)]
+        ranked = tested
+        note = f"{len(frame)} keys tested; ranked by shallow_score (change_random - change_last)"
+    return GalleryPick(name, tuple(int(k) for k in ranked["key"].head(n)), note)
+
+
+def printable(text: str) -> str:
+    """Text safe for a terminal: control characters (escape sequences included) shown escaped."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
+def format_card(card: MemoryCard, *, color: bool) -> str:
+    """A memory for the terminal; the peak token in reverse video (``color``) or ``[[...]]``."""
+    mark = ("\x1b[1;7m", "\x1b[0m") if color else ("[[", "]]")
+    side = "top-k" if card.sign == 1 else "bottom-k (most negative)"
+    lines = [f"layer {card.layer}, key {card.key}: {side} trigger examples, {len(card.examples)} of {card.kept} kept"]
+    if card.top_tokens is None:
+        lines.append("value tokens: not run (the run's values step did not finish)")
+    else:
+        for title, tokens in (("top", card.top_tokens), ("bottom", card.bottom_tokens or ())):
+            shown = "  ".join(f"{printable(repr(t))} {logit:+.3g}" for t, logit in tokens)
+            lines.append(f"value {title} tokens (logit): {shown}")
+        lines.append(f"value max probability: {card.max_prob:.3g}")
+    if card.agreement is not None:
+        lines.append(_agreement_line(card))
+    if card.mutation is not None:
+        m = card.mutation
+        lines.append(
+            f"mutation test: {m['kind']} (shallow_score {m['shallow_score']:+.3f}; change first "
+            f"{m['change_first']:+.3f}, last {m['change_last']:+.3f}, random {m['change_random']:+.3f})"
+        )
+    lines.append(f"trigger examples (peak token in {'reverse video' if color else '[[...]]'}, -> next token):")
+    for view in card.examples:
+        nxt = "(unit end)" if view.next_token is None else printable(repr(view.next_token))
+        text = f"{printable(view.before)}{mark[0]}{'<BOS>' if view.position < 0 else printable(view.peak)}{mark[1]}"
+        lines.append(f"  {view.rank + 1:>2}. m={view.coefficient:+.4g}  {text} -> {nxt}")
+    if not card.examples:
+        lines.append("  (none: the search saw no unit for this key)")
+    return "\n".join(lines)
+
+
+def _agreement_line(card: MemoryCard) -> str:
+    row = card.agreement or {}
+    if _missing(row.get("top1_next_token_id")) or not card.examples:
+        return "agreement: not counted (the top trigger example ends its unit: no next token)"
+    agrees = "yes" if str(row["agrees"]) == "True" else "no"
+    precision = "n/a" if _missing(row["precision_at_k"]) else f"{row['precision_at_k']:.2f}"
+    value = "?" if not card.top_tokens else printable(repr(card.top_tokens[0][0]))
+    return (
+        f"agreement: {agrees} (value top token {value}, top-1 next token "
+        f"{printable(repr(card.examples[0].next_token))} at rank {int(row['rank'])} in the value); "
+        f"precision@k {precision}"
+    )
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))

@@ -1,0 +1,160 @@
+"""The memory browser in a real headless Chromium: playwright drives the system chromium.
+
+Skipped when the ``playwright`` package or a chromium binary is missing (``make setup`` installs
+both where it can; ``FFKV_CHROMIUM`` names another binary).
+"""
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+
+import pytest
+
+from ffkv_lens.browser import BrowserIndex
+
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="playwright is not installed: pip install playwright (in the dev extra)"
+)
+CHROMIUM = os.environ.get("FFKV_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        CHROMIUM is None, reason="no chromium binary: apt-get install chromium (or set FFKV_CHROMIUM=/path/to/chrome)"
+    ),
+]
+expect = sync_api.expect
+COEF_TOL = 5e-4 + 1e-9  # the page shows coefficients with 3 decimals
+
+
+def _visible(token: str | None) -> str:
+    """The page's display of a token (leading/trailing spaces as ␣, newlines as ⏎, tabs as ⇥)."""
+    if token is None:
+        return "∅"
+    core = token.strip(" ")
+    if not core:
+        return "␣" * len(token)
+    lead, trail = len(token) - len(token.lstrip(" ")), len(token) - len(token.rstrip(" "))
+    shown = "␣" * lead + core + "␣" * trail
+    return shown.replace("\n", "⏎").replace("\t", "⇥")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    with sync_api.sync_playwright() as playwright:
+        # --no-sandbox: the tests may run as root (containers), where chromium's sandbox cannot start.
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture()
+def page(browser, server) -> Iterator[tuple[object, list[str]]]:
+    """A fresh page and the console errors, page errors and dialogs it produced."""
+    tab = browser.new_page(viewport={"width": 1400, "height": 1000})
+    problems: list[str] = []
+    tab.on("console", lambda msg: problems.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None)
+    tab.on("pageerror", lambda err: problems.append(f"page error: {err}"))
+    tab.on("dialog", lambda dialog: (problems.append(f"dialog: {dialog.message}"), dialog.dismiss()))
+    yield tab, problems
+    tab.close()
+
+
+def _title(tab, layer: int, key: int) -> None:
+    expect(tab.locator("#memory-title")).to_have_text(f"Layer {layer} · key {key}")
+    expect(tab.locator("body")).to_have_attribute("data-pending", "0")
+
+
+_ROWS_JS = """rows => rows.map(r => ({
+    before: r.querySelector('.before').textContent, peak: r.querySelector('mark.peak').textContent,
+    next: r.querySelector('.next').textContent, coef: r.querySelector('.coef').textContent}))"""
+
+
+def test_memory_shows_the_atlas_examples_and_steps_keys(page, server, tiny_atlas) -> None:
+    tab, problems = page
+    tokenizer = tiny_atlas.tokenizer
+    layer, key = tiny_atlas.layers[1], 7
+    tab.goto(f"{server.url}#layer={layer}&key={key}")
+    _title(tab, layer, key)
+    for sign, body in ((1, "#examples-top"), (-1, "#examples-bottom")):
+        expected = tiny_atlas.examples(layer, key, sign=sign)
+        rows = tab.locator(f"{body} tr.example")
+        expect(rows).to_have_count(len(expected))
+        for got, e in zip(rows.evaluate_all(_ROWS_JS), expected, strict=True):
+            tokens = tiny_atlas.units.get(e.unit_id)[1]
+            shorter = tokenizer.decode(tokens[: max(e.position, 0)])
+            assert got["before"] + got["peak"] == e.prefix
+            assert got["peak"] == e.prefix[len(os.path.commonprefix([shorter, e.prefix])) :]
+            peak_alone = tokenizer.decode(tokens[e.position : e.position + 1]) if e.position >= 0 else ""
+            if "\ufffd" not in peak_alone:  # a token that is a whole character (or several): shown as itself
+                assert got["peak"] == peak_alone
+            assert got["next"] == _visible(e.next_token)
+            assert abs(float(got["coef"]) - e.coefficient) <= COEF_TOL
+    highlight = tab.locator("#examples-top mark.peak").first.evaluate("m => getComputedStyle(m).backgroundColor")
+    assert highlight not in ("rgba(0, 0, 0, 0)", "transparent"), "the peak token is not highlighted"
+    tab.click("#next-key")
+    _title(tab, layer, key + 1)
+    assert tab.evaluate("location.hash") == f"#layer={layer}&key={key + 1}"
+    tab.click("#layer-up")
+    _title(tab, tiny_atlas.layers[2], key + 1)
+    assert problems == []
+
+
+def test_token_search_then_click_through_to_the_memory(page, server, tiny_index) -> None:
+    tab, problems = page
+    with BrowserIndex(tiny_index) as index:
+        firsts = [json.loads(t)[0] for (t,) in index.conn.execute("SELECT top_tokens FROM memories ORDER BY id")]
+        token = next(t for t in firsts if t.strip().isalpha())
+        found = index.search_token(token.strip())["results"]
+    target = next(r for r in found if (r["layer"], r["key"]) != (0, 0))
+    tab.goto(server.url)
+    _title(tab, 0, 0)
+    tab.fill("#q", token.strip())
+    tab.select_option("#mode", "token")
+    tab.click("#search-go")
+    links = tab.locator("#results-list a.memory-link")
+    expect(links).to_have_count(len(found))
+    shown = links.evaluate_all("as => as.map(a => [Number(a.dataset.layer), Number(a.dataset.key)])")
+    assert shown == [[r["layer"], r["key"]] for r in found], "the page does not show the API's ranking"
+    tab.locator(f'#results-list a[data-layer="{target["layer"]}"][data-key="{target["key"]}"]').click()
+    _title(tab, target["layer"], target["key"])
+    chips = tab.locator("#value-top .tok").evaluate_all("bs => bs.map(b => b.firstChild.textContent)")
+    assert _visible(target["token"]) in chips
+    assert "q=" in tab.evaluate("location.hash") and tab.locator("#results").is_visible(), "search state lost"
+    assert problems == []
+
+
+def test_text_search_lists_memories_and_escapes_input(page, server, tiny_index, tiny_atlas) -> None:
+    tab, problems = page
+    layer, key = tiny_atlas.layers[-1], 5
+    words = " ".join([w for w in tiny_atlas.examples(layer, key)[0].prefix.split() if w.isalpha()][-2:])
+    with BrowserIndex(tiny_index) as index:
+        found = index.search_text(words)["results"]
+    assert found, words  # that the memory itself is among them is checked with limit=500 in test_index.py
+    tab.goto(f"{server.url}#layer=0&key=1")
+    _title(tab, 0, 1)
+    tab.fill("#q", words)
+    tab.select_option("#mode", "text")
+    tab.press("#q", "Enter")
+    links = tab.locator("#results-list a.memory-link")
+    expect(links).to_have_count(len(found))
+    shown = links.evaluate_all("as => as.map(a => [Number(a.dataset.layer), Number(a.dataset.key)])")
+    assert shown == [[r["layer"], r["key"]] for r in found]
+    expect(tab.locator("#results-list li.result mark.peak").first).to_be_visible()
+    first = found[0]
+    links.first.click()
+    _title(tab, first["layer"], first["key"])
+    hostile = "<img src=x onerror=alert(1)>"
+    tab.fill("#q", hostile)
+    tab.click("#search-go")
+    expect(tab.locator("#results-title")).to_contain_text(hostile)
+    assert tab.locator("#results img").count() == 0
+    assert problems == []
+
+
+def test_api_error_is_shown_not_thrown(page, server) -> None:
+    tab, problems = page
+    tab.goto(f"{server.url}#layer=0&key=999999")
+    expect(tab.locator("#error")).to_contain_text("key=999999 is out of range")
+    # The failed fetch is logged by the browser as a 400 resource error; nothing else may fail.
+    assert all("status of 400" in p for p in problems), problems
