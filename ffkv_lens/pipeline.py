@@ -8,6 +8,7 @@ Steps, each written atomically and skipped when a re-run finds it done:
 4. ``mutation``: shallow vs semantic keys (section 3.2) -> ``tables/mutation_*``
 5. ``dynamics``: composition and residual vs FFN (section 5), one pass -> ``tables/composition_*``, ``residual_*``
 6. ``figures``: PNG + SVG per analysis -> ``figures/``
+7. ``report``: one self-contained HTML page (settings, figures, tables, memory gallery) -> ``report.html``
 
 ``manifest.json`` records the settings, the model and corpus, library versions, each step's
 time and the run's status. A finished run is never overwritten without ``force``; a folder made
@@ -18,6 +19,7 @@ Example:
     >>> run_study(RunConfig(model="smollm2-135m", max_tokens=50_000), "runs/smollm2")  # doctest: +SKIP
 """
 
+import csv
 import logging
 import shutil
 import time
@@ -32,7 +34,7 @@ from ffkv_lens.storage import atomic_write_bytes, atomic_write_json, read_json
 __all__ = ["STEPS", "RunConfig", "run_study"]
 
 log = logging.getLogger(__name__)
-STEPS = ("triggers", "values", "agreement", "mutation", "dynamics", "figures")
+STEPS = ("triggers", "values", "agreement", "mutation", "dynamics", "figures", "report")
 _UNITS = ("sentence", "document", "window")
 
 
@@ -170,7 +172,9 @@ def _check_same(old: dict[str, Any], new: dict[str, Any], folder: Path) -> None:
 
 def write_table(frame: Any, path: Path) -> None:
     """Write a DataFrame atomically as CSV (and JSON records when small)."""
-    atomic_write_bytes(path.with_suffix(".csv"), frame.to_csv(index=False).encode("utf-8"))
+    # Text fields quoted: a decoded token may be "\r" or hold commas, which unquoted would split rows.
+    text = frame.to_csv(index=False, quoting=csv.QUOTE_NONNUMERIC)
+    atomic_write_bytes(path.with_suffix(".csv"), text.encode("utf-8"))
     if len(frame) <= 10_000:
         atomic_write_bytes(path.with_suffix(".json"), frame.to_json(orient="records", indent=1).encode("utf-8"))
 
@@ -257,11 +261,12 @@ def _estimate(lens: Any, config: RunConfig) -> str:
 
 
 def _run_steps(run: _Run, lens: Any, corpus: Any, progress: bool, say: Callable[[str], None]) -> None:
-    from ffkv_lens.analysis.agreement import value_agreement
+    from ffkv_lens.analysis.agreement import agreement_targets, value_agreement
     from ffkv_lens.analysis.atlas import TriggerAtlas
     from ffkv_lens.analysis.dynamics import layer_dynamics
     from ffkv_lens.analysis.mutation import mutation_test
     from ffkv_lens.analysis.values import ValueProjection, project_values
+    from ffkv_lens.report import write_report
 
     c, folder = run.config, run.folder
     run.manifest["corpus"] = corpus.describe()
@@ -276,7 +281,14 @@ def _run_steps(run: _Run, lens: Any, corpus: Any, progress: bool, say: Callable[
 
     run.step("triggers", triggers, say)
     atlas = TriggerAtlas.load(folder / "atlas")
-    run.step("values", lambda: {"path": str(project_values(lens, top_k=c.top_k).save(folder / "values"))}, say)
+    def values() -> dict[str, Any]:
+        # Rank the agreement's target tokens in the same pass: no second projection for agreement.
+        signs = (1, -1) if atlas.signed else (1,)
+        targets = {sign: agreement_targets(atlas, sign) for sign in signs}
+        projection = project_values(lens, top_k=c.top_k, layers=atlas.layers, rank_targets=targets)
+        return {"path": str(projection.save(folder / "values"))}
+
+    run.step("values", values, say)
     projection = ValueProjection.load(folder / "values", lens=lens)
 
     def agreement() -> dict[str, Any]:
@@ -306,29 +318,44 @@ def _run_steps(run: _Run, lens: Any, corpus: Any, progress: bool, say: Callable[
     run.step("mutation", mutation, say)
     run.step("dynamics", dynamics, say)
     run.step("figures", lambda: write_figures(folder, lens.n_layers), say)
+    run.step("report", lambda: {"path": str(write_report(folder))}, say)
 
 
-def write_figures(folder: Path, n_layers: int) -> dict[str, Any]:
+# figure name -> (plot function of ffkv_lens.report, the table it is drawn from)
+FIGURES = {
+    "agreement": ("plot_agreement", "agreement_per_layer"),
+    "rank": ("plot_rank", "agreement_per_layer"),
+    "mutation": ("plot_mutation", "mutation_per_layer"),
+    "composition": ("plot_composition", "composition_per_layer"),
+    "residual": ("plot_residual", "residual_per_layer"),
+    "residual_breakdown": ("plot_residual_breakdown", "residual_per_layer"),
+}
+
+
+def missing_figures(folder: Path) -> list[str]:
+    """Figures of a run folder whose table exists but whose PNG or SVG does not."""
+    folder = Path(folder)
+    return [
+        name
+        for name, (_, table) in FIGURES.items()
+        if (folder / "tables" / f"{table}.csv").exists()
+        and not all((folder / "figures" / f"{name}{suffix}").exists() for suffix in (".png", ".svg"))
+    ]
+
+
+def write_figures(folder: Path, n_layers: int | None) -> dict[str, Any]:
     """Draw every figure of a run folder from its tables (layer and relative-depth x-axes)."""
     import pandas as pd
 
     from ffkv_lens import report
 
-    plan = {
-        "agreement": (report.plot_agreement, "agreement_per_layer"),
-        "rank": (report.plot_rank, "agreement_per_layer"),
-        "mutation": (report.plot_mutation, "mutation_per_layer"),
-        "composition": (report.plot_composition, "composition_per_layer"),
-        "residual": (report.plot_residual, "residual_per_layer"),
-        "residual_breakdown": (report.plot_residual_breakdown, "residual_per_layer"),
-    }
     written = []
-    for name, (plot, table) in plan.items():
+    for name, (plot, table) in FIGURES.items():
         path = folder / "tables" / f"{table}.csv"
         if not path.exists():
             continue
         frame = pd.read_csv(path)
-        plot(frame, n_layers=n_layers, out=folder / "figures" / name)
+        getattr(report, plot)(frame, n_layers=n_layers, out=folder / "figures" / name)
         written.append(name)
         import matplotlib.pyplot as plt
 

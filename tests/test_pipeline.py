@@ -30,6 +30,8 @@ def test_run_writes_every_step_and_refuses_to_overwrite(tiny_folder, corpus_file
     for table in ("agreement_per_layer", "mutation_per_layer", "composition_per_layer", "residual_per_layer"):
         assert (folder / "tables" / f"{table}.csv").stat().st_size > 0
     assert len(list((folder / "figures").glob("*.svg"))) == 6
+    assert manifest["steps"]["report"]["path"] == str(folder / "report.html")
+    assert (folder / "report.html").read_text(encoding="utf-8").count("data:image/svg+xml;base64,") == 6
     with pytest.raises(RunFolderError, match="finished run; pass --force"):
         run_study(_config(model, corpus_file), folder, progress=False)
     run_study(_config(model, corpus_file), folder, force=True, progress=False)
@@ -42,12 +44,13 @@ def test_interrupted_run_resumes_only_missing_steps(tiny_folder, corpus_file, tm
     atlas_mtime = (folder / "atlas" / "atlas.safetensors").stat().st_mtime_ns
     # Simulate a run killed during the mutation step.
     manifest["status"] = "running"
-    for step in ("mutation", "dynamics", "figures"):
+    for step in ("mutation", "dynamics", "figures", "report"):
         del manifest["steps"][step]
     (folder / "manifest.json").write_text(json.dumps(manifest))
     said = []
     run_study(_config(model, corpus_file), folder, progress=False, say=said.append)
     assert "triggers: already done, skipped" in said and any(s.startswith("mutation: done") for s in said)
+    assert any(s.startswith("report: done") for s in said)
     assert (folder / "atlas" / "atlas.safetensors").stat().st_mtime_ns == atlas_mtime
 
 
@@ -68,7 +71,8 @@ def test_cli_run_and_errors(tiny_folder, corpus_file, tmp_path, capsys) -> None:
     args = ["run", "--model", str(tiny_folder("gpt2")), "--corpus", corpus_file, "--out", str(out)]
     small = ["--k", "3", "--keys-per-layer", "4", "--examples", "3", "--positions", "8", "--max-tokens", "1000"]
     assert main(args + small) == 0
-    assert "finished in" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "finished in" in printed and printed.strip().endswith(f"report: {out / 'report.html'}")
     assert main(args + small) == 2
     assert "pass --force" in capsys.readouterr().err
     assert main(["run", "--model", "no-such-model-folder/x/y", "--out", str(tmp_path / "x")]) == 2
@@ -81,3 +85,15 @@ def test_cli_models_lists_embedded(capsys) -> None:
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "smollm2-135m" in out and "gemma3-270m" in out and "pip install" in out
+
+
+def test_tables_round_trip_tokens_with_carriage_returns_and_commas(tmp_path) -> None:
+    import pandas as pd
+
+    from ffkv_lens.pipeline import write_table
+
+    frame = pd.DataFrame({"token": ["\r", "a,b", '"q"', None, "\n"], "rate": [0.5, None, 1.0, 2.0, 3.0]})
+    write_table(frame, tmp_path / "t")
+    back = pd.read_csv(tmp_path / "t.csv")
+    assert len(back) == 5 and back["token"].tolist()[:3] == ["\r", "a,b", '"q"'] and back["token"].isna()[3]
+    assert back["token"][4] == "\n" and back["rate"].isna().tolist() == [False, True, False, False, False]
