@@ -475,6 +475,27 @@ def _span_extremes(m: Tensor, spans: Spans, *, lowest: bool) -> tuple[Tensor | N
     return low, high
 
 
+def _all_first_positions(m: Tensor, valid: Tensor, spans: Spans, extreme: Tensor, sign: int) -> Tensor:
+    """First position of every unit's ``extreme`` per key, for the whole batch.
+
+    With one run shared by every unit and finite extremes, no mask is needed: ``sign(m - extreme)``
+    is 0 exactly at the extremes and has one sign elsewhere, so ``(pos - t) - (pos + 1) * |sign|``
+    is largest at the first extreme (the trick of :func:`reduce_units`, two passes fewer).
+    Otherwise :func:`reduce_units` on ``sign * m``.
+    """
+    batch, pos, _ = m.shape
+    start, end = spans.runs[0]
+    uniform = len(set(spans.runs)) == 1 and end > start
+    exact = m.dtype in (torch.float32, torch.float64) and pos < 1 / torch.finfo(m.dtype).eps  # rev is exact
+    if not (uniform and exact) or not bool(extreme.isfinite().all()):
+        return reduce_units(m if sign > 0 else m.neg(), valid).positions
+    run = end - start
+    off = torch.sub(m[:, start:end], extreme.unsqueeze(1)).abs_().sign_()  # 0 at the extremes, 1 elsewhere
+    rev = torch.arange(run, 0, -1, dtype=m.dtype, device=m.device).view(1, run, 1)
+    score = torch.add(rev, off, alpha=-(run + 1), out=off).amax(dim=1)
+    return (run - score).to(torch.int64) + start
+
+
 def _merge_gated(
     state: TopKState, m: Tensor, valid: Tensor, spans: Spans, extreme: Tensor, unit_ids: Tensor, sign: int
 ) -> TopKState:
@@ -490,8 +511,7 @@ def _merge_gated(
     if not bool(reach.any()):  # the warm fast path
         return state
     if int(reach.sum()) * 8 > reach.numel():  # a cold state: most pairs reach, whole-tensor positions are cheaper
-        peaks = reduce_units(m if sign > 0 else m.neg(), valid)
-        return merge_topk(state, cand, peaks.positions, unit_ids)
+        return merge_topk(state, cand, _all_first_positions(m, valid, spans, extreme, sign), unit_ids)
     units, keys = reach.nonzero().unbind(dim=1)
     columns = m[units, :, keys]  # [pairs, pos]: each reaching pair's coefficients
     grid = torch.arange(m.shape[1], device=m.device)

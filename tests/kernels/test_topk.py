@@ -34,12 +34,20 @@ class Batch(NamedTuple):
 
 
 def make_stream(
-    seed: int, d_mlp: int, sizes: list[int], pos: int = 6, dtype=torch.float32, ties: bool = False, holes: bool = True
+    seed: int,
+    d_mlp: int,
+    sizes: list[int],
+    pos: int = 6,
+    dtype=torch.float32,
+    ties: bool = False,
+    holes: bool = True,
+    windows: bool = False,
 ) -> list[Batch]:
     """Batches of right-padded units (BOS excluded, some rows all invalid) in random unit order.
 
     With ``holes`` some valid positions are knocked out at random (the general masked path); without,
-    each unit's valid positions are one run, as in real batches (the span fast path).
+    each unit's valid positions are one run, as in real batches (the span fast path). With
+    ``windows`` every unit fills the batch (one run shared by all units: fixed-length windows).
     """
     g = torch.Generator().manual_seed(seed)
     n_units = sum(sizes)
@@ -49,12 +57,12 @@ def make_stream(
         m = torch.randn(size, pos, d_mlp, generator=g, dtype=torch.float64)
         if ties:
             m = (m * 1.5).round() / 2  # a handful of levels: many equal values within and across units
-        lengths = torch.randint(0, pos + 1, (size,), generator=g)
+        lengths = torch.full((size,), pos) if windows else torch.randint(0, pos + 1, (size,), generator=g)
         valid = torch.arange(pos) < lengths[:, None]
         if holes:
             valid &= torch.rand(size, pos, generator=g) > 0.15
         valid[:, 0] = False
-        if size >= 3:
+        if size >= 3 and not windows:
             valid[1] = False  # a unit with no valid position is no candidate
         stream.append(Batch(m.to(dtype), valid, ids[start : start + size].clone()))
         start += size
@@ -154,12 +162,23 @@ RUN_CASES = {
     "d64-k5-float32-distinct-long": dict(d_mlp=64, k=5, dtype="float32", ties=False, sizes=[8] * 30, pos=12),
     "d100-k3-float64-ties-long": dict(d_mlp=100, k=3, dtype="float64", ties=True, sizes=[1, 8, 0, 13] * 6, pos=9),
     "d33-k64-float32-ties-unfilled": dict(d_mlp=33, k=64, dtype="float32", ties=True, sizes=[13, 8, 1], pos=7),
+    "d64-k5-float32-ties-windows": dict(d_mlp=64, k=5, dtype="float32", ties=True, sizes=[8] * 20, pos=9, windows=True),
+    "d48-k9-float64-windows": dict(d_mlp=48, k=9, dtype="float64", ties=False, sizes=[8] * 12, pos=5, windows=True),
 }
 
 
 def _run_stream_of(case: dict, seed: int = 0) -> tuple[list[Batch], torch.dtype]:
     dtype = getattr(torch, case["dtype"])
-    stream = make_stream(seed, case["d_mlp"], case["sizes"], case["pos"], dtype=dtype, ties=case["ties"], holes=False)
+    stream = make_stream(
+        seed,
+        case["d_mlp"],
+        case["sizes"],
+        case["pos"],
+        dtype,
+        case["ties"],
+        holes=False,
+        windows=case.get("windows", False),
+    )
     return stream, dtype
 
 
@@ -170,6 +189,24 @@ def test_span_fast_path_matches_oracle(name: str) -> None:
     assert all(ref._spans(b.valid) is not None for b in stream)  # the fast path is the one tested
     actual = run_stream(ref.update_topk, stream, case["d_mlp"], case["k"], dtype)
     assert state_mismatch(actual, oracle(stream, case["d_mlp"], case["k"], dtype)) == ""
+
+
+def test_windows_never_need_the_masked_reduction(monkeypatch: pytest.MonkeyPatch) -> None:
+    case = RUN_CASES["d64-k5-float32-ties-windows"]
+    stream, dtype = _run_stream_of(case)
+    expected = oracle(stream, case["d_mlp"], case["k"], dtype)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("reduce_units called: the unmasked window path was not taken")
+
+    monkeypatch.setattr(ref, "reduce_units", forbidden)
+    top, bottom = (
+        TopKState.empty(case["d_mlp"], case["k"], dtype=dtype),
+        TopKState.empty(case["d_mlp"], case["k"], dtype=dtype),
+    )
+    for m, valid, unit_ids in stream:
+        top, bottom = ref.update_topk_signed(top, bottom, m, valid, unit_ids)
+    assert state_mismatch(top, expected) == ""
 
 
 @pytest.mark.parametrize("name", [*RUN_CASES, "d7-k5-float32-ties", "d100-k1-float64-ties"])
