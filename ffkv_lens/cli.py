@@ -75,6 +75,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     run.add_argument("--dtype", default=d.dtype, choices=["float32", "float64", "bfloat16", "float16"])
     run.add_argument("--batch-tokens", type=_positive, default=d.batch_tokens, help="padded tokens per forward")
+    run.add_argument(
+        "--checkpoint-every", type=_positive, default=d.checkpoint_every, help="tokens between search checkpoints"
+    )
     run.add_argument("--out", required=True, help="the run folder")
     run.add_argument("--force", action="store_true", help="redo a finished run in --out")
 
@@ -86,7 +89,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         model=args.model, corpus=args.corpus, unit=args.unit, k=args.k, max_len=args.max_len,
         max_tokens=args.max_tokens, signed=not args.unsigned, top_k=args.top_k,
         keys_per_layer=args.keys_per_layer, examples=args.examples, positions=args.positions, seed=args.seed,
-        device=args.device, dtype=args.dtype, batch_tokens=args.batch_tokens,
+        device=args.device, dtype=args.dtype, batch_tokens=args.batch_tokens, checkpoint_every=args.checkpoint_every,
     )  # fmt: skip
     start = time.perf_counter()
     folder = run_study(config, args.out, force=args.force, say=lambda line: print(line, flush=True))

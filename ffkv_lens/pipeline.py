@@ -3,12 +3,16 @@
 Steps, each written atomically and skipped when a re-run finds it done:
 
 1. ``triggers``: trigger search (checkpointed in ``search/``) -> ``atlas/``
-2. ``values``: value projection -> ``values/``
-3. ``agreement``: value/trigger agreement (paper section 4) -> ``tables/agreement_*``
-4. ``mutation``: shallow vs semantic keys (section 3.2) -> ``tables/mutation_*``
-5. ``dynamics``: composition and residual vs FFN (section 5), one pass -> ``tables/composition_*``, ``residual_*``
+2. ``dynamics``: composition and residual vs FFN (section 5), one pass -> ``tables/composition_*``, ``residual_*``
+3. ``values``: value projection, with the agreement's target ranks -> ``values/``
+4. ``agreement``: value/trigger agreement (paper section 4) -> ``tables/agreement_*``
+5. ``mutation``: shallow vs semantic keys (section 3.2) -> ``tables/mutation_*``
 6. ``figures``: PNG + SVG per analysis -> ``figures/``
 7. ``report``: one self-contained HTML page (settings, figures, tables, memory gallery) -> ``report.html``
+
+Under ``torchrun`` (``ffkv_lens.distributed``) steps 1 and 2 are shared by every rank (batches
+split round-robin, results merged exactly); rank 0 writes the folder and runs steps 3-7 alone,
+the other ranks write only their checkpoints (``search/rank{r}-of-{n}/``).
 
 ``manifest.json`` records the settings, the model and corpus, library versions, each step's
 time and the run's status. A finished run is never overwritten without ``force``; a folder made
@@ -28,13 +32,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from ffkv_lens.errors import ConfigError, RunFolderError
+from ffkv_lens.errors import ConfigError, FfkvLensError, RunFolderError
 from ffkv_lens.storage import atomic_write_bytes, atomic_write_json, read_json
 
 __all__ = ["STEPS", "RunConfig", "run_study"]
 
 log = logging.getLogger(__name__)
-STEPS = ("triggers", "values", "agreement", "mutation", "dynamics", "figures", "report")
+STEPS = ("triggers", "dynamics", "values", "agreement", "mutation", "figures", "report")
+DISTRIBUTED_STEPS = ("triggers", "dynamics")  # shared by every rank under torchrun; the rest run on rank 0
 _UNITS = ("sentence", "document", "window")
 
 
@@ -59,6 +64,7 @@ class RunConfig:
         device: ``"cpu"``, ``"cuda"``... (None: cuda if available).
         dtype: Model dtype name.
         batch_tokens: Padded tokens per forward pass (speed and memory only).
+        checkpoint_every: Tokens between checkpoints of the trigger search (resume granularity only).
     """
 
     model: str = "smollm2-135m"
@@ -76,11 +82,21 @@ class RunConfig:
     device: str | None = None
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
     batch_tokens: int = 2048
+    checkpoint_every: int = 200_000
 
     def __post_init__(self) -> None:
         if self.unit not in _UNITS:
             raise ConfigError(f"unit={self.unit!r}; allowed: {_UNITS}.")
-        for name in ("k", "max_len", "top_k", "keys_per_layer", "examples", "positions", "batch_tokens"):
+        for name in (
+            "k",
+            "max_len",
+            "top_k",
+            "keys_per_layer",
+            "examples",
+            "positions",
+            "batch_tokens",
+            "checkpoint_every",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r}; pass a positive integer.")
@@ -88,8 +104,8 @@ class RunConfig:
             raise ConfigError(f"max_tokens={self.max_tokens!r}; pass a positive integer or None (whole corpus).")
 
     def results_identity(self) -> dict[str, Any]:
-        """The settings that change results (device and batch size do not)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("device", "batch_tokens")}
+        """The settings that change results (device, batch size and checkpoint interval do not)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("device", "batch_tokens", "checkpoint_every")}
 
 
 def open_corpus(spec: str) -> Any:
@@ -113,9 +129,12 @@ def open_corpus(spec: str) -> Any:
 class _Run:
     """A run folder: its manifest and the bookkeeping of steps."""
 
-    def __init__(self, folder: Path, config: RunConfig, force: bool) -> None:
-        self.folder, self.config = folder, config
+    def __init__(self, folder: Path, config: RunConfig, force: bool, writer: bool = True) -> None:
+        self.folder, self.config, self.writer = folder, config, writer
         manifest_path = folder / "manifest.json"
+        if not writer:  # another rank of a distributed run: read what rank 0 prepared, write nothing
+            self.manifest = read_json(manifest_path)
+            return
         if manifest_path.exists():
             old = read_json(manifest_path)
             if force:
@@ -142,7 +161,8 @@ class _Run:
         }
 
     def save(self) -> None:
-        atomic_write_json(self.folder / "manifest.json", self.manifest)
+        if self.writer:
+            atomic_write_json(self.folder / "manifest.json", self.manifest)
 
     def done(self, step: str) -> bool:
         return step in self.manifest["steps"]
@@ -215,19 +235,49 @@ def run_study(
     import torch
 
     from ffkv_lens import MemoryLens, load_model
+    from ffkv_lens.distributed import init_from_env
 
-    run = _Run(Path(out), config, force)
+    here, device = init_from_env(config.device)
+    if not here.is_main:
+        say = _silent
+    run = _on_main_first(here, lambda: _Run(Path(out), config, force), lambda: _Run(Path(out), config, force, False))
     corpus = open_corpus(config.corpus)
-    lens = MemoryLens(load_model(config.model, device=config.device, dtype=getattr(torch, config.dtype)))
+    lens = MemoryLens(load_model(config.model, device=device, dtype=getattr(torch, config.dtype)))
     _check_model(run, lens)
+    run.manifest["distributed"] = here.describe()
     with torch.no_grad():
         if not run.done("triggers"):
             say(_estimate(lens, config))
-        _run_steps(run, lens, corpus, progress, say)
-    run.manifest["status"] = "finished"
-    run.manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    run.save()
+        _run_steps(run, lens, corpus, progress and here.is_main, say, here)
+    if here.is_main:
+        run.manifest["status"] = "finished"
+        run.manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        run.save()
     return run.folder
+
+
+def _silent(_: str) -> None:
+    """``say`` of the ranks other than 0."""
+
+
+def _on_main_first(here: Any, main: Callable[[], Any], others: Callable[[], Any]) -> Any:
+    """Run ``main`` on rank 0, then ``others`` on the other ranks; an error on rank 0 stops every rank."""
+    import torch
+
+    from ffkv_lens.distributed import all_sum_
+
+    result, error = None, None
+    if here.is_main:
+        try:
+            result = main()
+        except FfkvLensError as err:
+            error = err
+    failed = all_sum_(torch.tensor([int(error is not None)]), here)
+    if error is not None:
+        raise error
+    if int(failed):
+        raise RunFolderError("rank 0 refused the run folder (its message says why); stopping this rank too.")
+    return result if here.is_main else others()
 
 
 def _check_model(run: _Run, lens: Any) -> None:
@@ -260,7 +310,7 @@ def _estimate(lens: Any, config: RunConfig) -> str:
     )
 
 
-def _run_steps(run: _Run, lens: Any, corpus: Any, progress: bool, say: Callable[[str], None]) -> None:
+def _run_steps(run: _Run, lens: Any, corpus: Any, progress: bool, say: Callable[[str], None], here: Any) -> None:
     from ffkv_lens.analysis.agreement import agreement_targets, value_agreement
     from ffkv_lens.analysis.atlas import TriggerAtlas
     from ffkv_lens.analysis.dynamics import layer_dynamics
@@ -274,13 +324,24 @@ def _run_steps(run: _Run, lens: Any, corpus: Any, progress: bool, say: Callable[
     def triggers() -> dict[str, Any]:
         atlas = lens.search_triggers(
             corpus, k=c.k, unit=c.unit, max_len=c.max_len, signed=c.signed, max_tokens=c.max_tokens,
-            batch_tokens=c.batch_tokens, checkpoint_dir=str(folder / "search"), progress=progress,
+            batch_tokens=c.batch_tokens, checkpoint_dir=str(folder / "search"), checkpoint_every=c.checkpoint_every,
+            progress=progress,
         )  # fmt: skip
-        atlas.save(folder / "atlas")
+        if here.is_main:
+            atlas.save(folder / "atlas")
         return {"tokens": atlas.manifest["progress"]["tokens"], "units": atlas.manifest["progress"]["units"]}
 
+    def dynamics() -> dict[str, Any]:
+        result = layer_dynamics(lens, corpus, positions=c.positions, seed=c.seed, progress=progress)
+        tables = {"composition": "composition_per_layer", "residual": "residual_per_layer"}
+        return _write_result(run, "dynamics", result, tables) if here.is_main else {}
+
     run.step("triggers", triggers, say)
+    run.step("dynamics", dynamics, say)
+    if not here.is_main:  # the other steps are rank 0's alone
+        return
     atlas = TriggerAtlas.load(folder / "atlas")
+
     def values() -> dict[str, Any]:
         # Rank the agreement's target tokens in the same pass: no second projection for agreement.
         signs = (1, -1) if atlas.signed else (1,)
@@ -309,14 +370,8 @@ def _run_steps(run: _Run, lens: Any, corpus: Any, progress: bool, say: Callable[
             run, "mutation", result, {"per_layer": "mutation_per_layer", "per_key": "mutation_per_key"}
         )
 
-    def dynamics() -> dict[str, Any]:
-        result = layer_dynamics(lens, corpus, positions=c.positions, seed=c.seed, progress=progress)
-        tables = {"composition": "composition_per_layer", "residual": "residual_per_layer"}
-        return _write_result(run, "dynamics", result, tables)
-
     run.step("agreement", agreement, say)
     run.step("mutation", mutation, say)
-    run.step("dynamics", dynamics, say)
     run.step("figures", lambda: write_figures(folder, lens.n_layers), say)
     run.step("report", lambda: {"path": str(write_report(folder))}, say)
 

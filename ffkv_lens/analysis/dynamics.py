@@ -385,6 +385,8 @@ def _run(lens: MemoryLens, prefixes: list[Any], extremes: list[Any], config: Dyn
          progress: bool) -> PositionRecords:  # fmt: skip
     from tqdm.auto import tqdm
 
+    from ffkv_lens.distributed import all_sum_, shard, world
+
     tok = lens.adapter.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     layers = list(config.layers or ())
@@ -393,16 +395,20 @@ def _run(lens: MemoryLens, prefixes: list[Any], extremes: list[Any], config: Dyn
     out["agrees"] = torch.zeros(n, width, dtype=torch.bool)
     out["prob_r"] = torch.zeros(n, width, dtype=torch.float32)
     final = torch.zeros(n, dtype=torch.int64)
-    bar = tqdm(total=n, unit="prefix", desc="layer dynamics", disable=not progress)
-    for batch in prefix_batches(
+    here = world()
+    bar = tqdm(total=n, unit="prefix", desc="layer dynamics", disable=not (progress and here.is_main))
+    batches = prefix_batches(
         prefixes, batch_tokens=batch_tokens, bos_token_id=lens.adapter.bos_token_id, pad_token_id=pad
-    ):
+    )
+    for _, batch in shard(batches, here):  # batch i on rank i % size (all of them in a single process)
         states = record_states(lens, batch, layers)
         for key, value in _batch_records(lens, states, extremes, config).items():
             out[key][batch.index] = value.to(out[key].dtype)
         final[batch.index] = states.final_token.cpu()
-        bar.update(len(batch.index))
+        bar.update(len(batch.index) * here.size)
     bar.close()
+    for tensor in (*out.values(), final):  # each rank filled only its rows: the sum is exact
+        all_sum_(tensor, here)
     column = lambda attr: torch.tensor([getattr(p, attr) for p in prefixes], dtype=torch.int64)  # noqa: E731
     position = column("position")
     return PositionRecords(

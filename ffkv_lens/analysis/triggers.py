@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ffkv_lens.analysis.atlas import LayerTopK, TriggerAtlas, UnitStore, tokenizer_fingerprint
 from ffkv_lens.errors import ConfigError
-from ffkv_lens.kernels import TopKState, update_topk, update_topk_signed
+from ffkv_lens.kernels import TopKState, merge_states, update_topk, update_topk_signed
 
 __all__ = ["SearchConfig", "TriggerSearch", "search_triggers"]
 
@@ -108,6 +108,7 @@ class TriggerSearch:
         self._hook_layer = {adapter.hook_names(layer).coefficients: layer for layer in self.layers}
         self._stop = adapter.hook_names(self.layers[-1]).coefficients
         self._has_bos: bool | None = None
+        self._world: dict[str, Any] = {"world_size": 1, "backend": None}
 
     # -- the hot loop ----------------------------------------------------------------------
     def update(self, batch: Any) -> None:
@@ -156,6 +157,40 @@ class TriggerSearch:
                 referenced.update(torch.unique(state.units).tolist())
         self._units = {u: v for u, v in self._units.items() if u in referenced}
 
+    def merge_world(self, here: Any) -> None:
+        """Combine the searches of every rank into the search of the whole corpus, on every rank.
+
+        Top-k states are gathered and merged exactly (:func:`~ffkv_lens.kernels.merge_states`, in
+        rank order; unit ids are global, so ties keep the global order), next-token counts and
+        progress are summed, and the tokens of the units the merged tables reference are shared.
+        Call it once, after the last batch (and after the last checkpoint) of every rank.
+        """
+        from ffkv_lens.distributed import all_gather_varlen, all_sum_
+
+        if not here.distributed:
+            return
+        for tables in (self.top, self.bottom or {}):
+            for layer, state in tables.items():
+                gathered = [all_gather_varlen(t.reshape(-1), here) for t in state]
+                merged = None
+                for rank in range(here.size):
+                    part = TopKState(*(g[rank].view(state.values.shape) for g in gathered))
+                    merged = part if merged is None else merge_states(merged, part)
+                tables[layer] = merged
+        all_sum_(self.next_token_counts, here)
+        counts = torch.tensor([self.progress.units, self.progress.tokens, self.progress.batches], dtype=torch.int64)
+        self.progress.units, self.progress.tokens, self.progress.batches = all_sum_(counts, here).tolist()
+        self.prune_units()  # keep only units the merged tables reference, then share their tokens
+        mine = UnitStore.from_units(self._units)
+        lengths = mine.offsets[1:] - mine.offsets[:-1]
+        fields = [all_gather_varlen(t, here) for t in (mine.unit_ids, mine.doc_ids, lengths, mine.tokens)]
+        units: dict[int, tuple[int, list[int]]] = {}
+        for ids, docs, sizes, tokens in zip(*fields, strict=True):
+            for unit, doc, piece in zip(ids.tolist(), docs.tolist(), tokens.split(sizes.tolist()), strict=True):
+                units[unit] = (doc, piece.tolist())
+        self._units = units
+        self._world = here.describe()
+
     # -- results -----------------------------------------------------------------------------
     def to_atlas(self, model_name: str | None = None) -> TriggerAtlas:
         """The atlas of everything seen so far (positions converted to unit-own token indices)."""
@@ -188,6 +223,7 @@ class TriggerSearch:
                 "batches": self.progress.batches,
             },
             "versions": _versions(),
+            "distributed": self._world,
         }
 
     # -- checkpoints -----------------------------------------------------------------------
@@ -229,18 +265,40 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _batches(corpus: Any, adapter: Any, config: SearchConfig, batch_tokens: int, skip_units: int) -> Iterator[Any]:
+def _batches(corpus: Any, adapter: Any, config: SearchConfig, batch_tokens: int) -> Iterator[Any]:
+    """The batches of the whole search, always cut the same way (sharding and resuming index them)."""
     from ffkv_lens.corpus import iter_batches, iter_units
 
     units = iter_units(
         corpus, adapter.tokenizer, unit=config.unit, max_len=config.max_len, max_tokens=config.max_tokens
     )
-    if skip_units:
-        units = (unit for unit in units if unit.unit_id >= skip_units)
     tok = adapter.tokenizer
     bos = adapter.bos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     yield from iter_batches(units, batch_tokens=batch_tokens, bos_token_id=bos, pad_token_id=pad)
+
+
+def rank_checkpoint_dir(checkpoint_dir: str | Path, here: Any) -> Path:
+    """This rank's checkpoint folder; refuses a folder written by a run of another world size.
+
+    A single process uses ``checkpoint_dir`` itself; rank ``r`` of ``n`` uses
+    ``checkpoint_dir/rank{r}-of-{n}``.
+    """
+    from ffkv_lens.errors import CheckpointMismatchError
+
+    root = Path(checkpoint_dir)
+    mine = root / f"rank{here.rank}-of-{here.size}" if here.distributed else root
+    found = {p.name.split("-of-")[1] for p in root.glob("rank*-of-*") if (p / "checkpoint").exists()}
+    if (root / "checkpoint").exists():
+        found.add("1")
+    others = sorted(found - {str(here.size)})
+    if others:
+        raise CheckpointMismatchError(
+            f"{root} holds checkpoints of a run with {' and '.join(others)} process(es); this run has {here.size}. "
+            f"Resume with the same number of processes (torchrun --nproc-per-node {others[0]}), or use another "
+            "checkpoint folder (or --force) to start afresh."
+        )
+    return mine
 
 
 def search_triggers(
@@ -261,25 +319,35 @@ def search_triggers(
     progress: bool = True,
 ) -> TriggerAtlas:
     """Find the top-k trigger examples of every key; see :meth:`ffkv_lens.MemoryLens.search_triggers`."""
+    from ffkv_lens.distributed import world
+
     _check_device(adapter, device)
     chosen = adapter.check_layers(layers)
     config = SearchConfig(k, unit, max_len, tuple(chosen), signed, exclude_bos, max_tokens)
+    here = world()
     search = TriggerSearch(adapter, config, corpus.describe())
-    if checkpoint_dir is not None and search.load_checkpoint(checkpoint_dir):
-        log.info("resuming from %s after %d units", checkpoint_dir, search.progress.units)
-    bar = _progress_bar(progress, max_tokens, search.progress.tokens)
+    folder = None if checkpoint_dir is None else rank_checkpoint_dir(checkpoint_dir, here)
+    if folder is not None and search.load_checkpoint(folder):
+        log.info("resuming from %s after %d batches", folder, search.progress.batches)
+    # Batch i belongs to rank i % size; this rank has done its first `progress.batches` of them.
+    resume_at = here.rank + here.size * search.progress.batches
+    total = None if max_tokens is None or here.distributed else max_tokens
+    bar = _progress_bar(progress and here.is_main, total, search.progress.tokens)
     since = search.progress.tokens
-    for batch in _batches(corpus, adapter, config, batch_tokens, search.progress.units):
+    for index, batch in enumerate(_batches(corpus, adapter, config, batch_tokens)):
+        if index % here.size != here.rank or index < resume_at:
+            continue
         search.update(batch)
         bar.update(int(sum(batch.lengths)))
-        if checkpoint_dir is not None and search.progress.tokens - since >= checkpoint_every:
-            search.save_checkpoint(checkpoint_dir)
+        if folder is not None and search.progress.tokens - since >= checkpoint_every:
+            search.save_checkpoint(folder)
             since = search.progress.tokens
         elif search.progress.batches % 64 == 0:
             search.prune_units()
     bar.close()
-    if checkpoint_dir is not None:
-        search.save_checkpoint(checkpoint_dir)
+    if folder is not None:
+        search.save_checkpoint(folder)
+    search.merge_world(here)
     return search.to_atlas()
 
 
