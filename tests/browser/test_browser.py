@@ -158,3 +158,29 @@ def test_api_error_is_shown_not_thrown(page, server) -> None:
     expect(tab.locator("#error")).to_contain_text("key=999999 is out of range")
     # The failed fetch is logged by the browser as a 400 resource error; nothing else may fail.
     assert all("status of 400" in p for p in problems), problems
+
+
+def check_report(browser, path) -> dict:
+    """Open a report.html from disk; count figures that decoded and gallery cards; collect page errors."""
+    tab = browser.new_page(viewport={"width": 1400, "height": 1000})
+    problems: list[str] = []
+    tab.on("console", lambda msg: problems.append(msg.text) if msg.type == "error" else None)
+    tab.on("pageerror", lambda err: problems.append(str(err)))
+    tab.on("request", lambda req: None if req.url.startswith(("file:", "data:")) else problems.append(req.url))
+    tab.goto(path.resolve().as_uri())
+    found = tab.evaluate(
+        """() => ({
+            figures: [...document.querySelectorAll('figure img')].map(i => i.complete && i.naturalWidth > 0),
+            cards: document.querySelectorAll('article.card').length,
+            peaks: document.querySelectorAll('article.card mark.peak').length,
+        })"""
+    )
+    tab.close()
+    return {**found, "problems": problems}
+
+
+def test_report_opens_offline_with_every_figure_and_the_gallery(browser, tiny_run) -> None:
+    found = check_report(browser, tiny_run / "report.html")
+    assert found["problems"] == []  # no errors and no request beyond the file itself
+    assert len(found["figures"]) == 6 and all(found["figures"])  # every figure decoded and drawn
+    assert found["cards"] > 0 and found["peaks"] >= found["cards"]
