@@ -318,43 +318,41 @@ def _insert_sorted(
     cand_positions: Tensor,
     passing: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Insert the passing candidates into sorted rows by counting ranks: no sort.
+    """Merge the passing candidates into sorted rows: sort the few candidates, then binary searches.
 
-    Each row ``(values, units)`` is sorted by the ranking rule. A candidate's place in the merged row
-    is the number of row entries that beat it plus the number of passing candidates that beat it;
-    an entry at slot ``j`` moves down by the number of passing candidates that beat it, i.e. those
-    whose row rank is at most ``j``. Places ``>= k`` fall off the end. Every ``[rows, ...]`` input
-    holds only rows that receive at least one candidate.
+    Each row ``(values, units)`` is sorted by the ranking rule. The candidates of a row are sorted
+    the same way (by unit, then stably by value); non-passing ones become empty slots. Then each
+    item's place in the merged row is its index in its own list plus the number of items of the
+    other list strictly above it (two ``searchsorted``), and places ``>= k`` fall off. A candidate
+    whose value equals a row entry's needs the unit ids to order them: such rows (rare) take the
+    exact sort of :func:`_top_k_rows` instead. Every ``[rows, ...]`` input holds only rows that
+    receive at least one candidate.
     """
     n_rows, k = values.shape
     batch = cand.shape[1]
-    # Row entries strictly above each candidate: a binary search (rows are descending).
-    descending = values.neg()
-    rank = torch.searchsorted(descending, cand.neg(), right=False)
-    at_most = torch.searchsorted(descending, cand.neg(), right=True)
-    tied = passing & (at_most > rank)
-    if bool(tied.any()):  # equal values: entries with a lower unit id beat the candidate too
-        same = values.unsqueeze(1) == cand.unsqueeze(2)  # [rows, batch, k]
-        lower = units.unsqueeze(1) < unit_ids.view(1, batch, 1)
-        rank = rank + (same & lower).sum(dim=2)
-    # Passing candidates above each candidate (unit ids are unique: no two tie completely).
-    above = (cand.unsqueeze(1) > cand.unsqueeze(2)) | (
-        (cand.unsqueeze(1) == cand.unsqueeze(2)) & (unit_ids.view(1, 1, batch) < unit_ids.view(1, batch, 1))
-    )
-    place = rank + (above & passing.unsqueeze(1)).sum(dim=2)
-    # How far each entry moves down: passing candidates whose row rank is <= its slot.
-    counts = torch.zeros(n_rows, k + 1, dtype=torch.int64, device=values.device)
-    counts.scatter_add_(1, rank.masked_fill(~passing, k), passing.long())
-    slots = torch.arange(k, device=values.device).expand(n_rows, k) + counts[:, :k].cumsum(dim=1)
-    dump = k + batch  # a spare column for everything that falls off
-    index = torch.cat([slots, place.masked_fill(~passing, dump)], dim=1).clamp_(max=dump)
+    by_unit = torch.argsort(unit_ids)  # so that the stable sort below breaks value ties by unit
+    keep = passing.index_select(1, by_unit)
+    c_values = cand.index_select(1, by_unit).masked_fill(~keep, float("-inf"))
+    c_units = unit_ids.index_select(0, by_unit).expand(n_rows, batch).masked_fill(~keep, EMPTY_UNIT)
+    c_positions = cand_positions.index_select(1, by_unit).masked_fill(~keep, EMPTY_UNIT)
+    order = torch.argsort(c_values, dim=1, descending=True, stable=True)
+    c_values, c_units, c_positions = (t.gather(1, order) for t in (c_values, c_units, c_positions))
+    # Rows are descending; their negations ascending, as searchsorted wants.
+    row_up, cand_up = values.neg(), c_values.neg()
+    above_cand = torch.searchsorted(row_up, cand_up, right=False)  # row entries strictly above each candidate
+    tie = torch.searchsorted(row_up, cand_up, right=True) > above_cand
+    if bool((tie & (c_values > float("-inf"))).any()):  # a candidate equals a row entry: exact sort
+        merged = (torch.cat(pair, dim=1) for pair in ((values, c_values), (units, c_units), (positions, c_positions)))
+        return _top_k_rows(*merged, k=k)
+    above_entry = torch.searchsorted(cand_up, row_up, right=False)  # candidates strictly above each entry
+    grid = torch.arange(max(k, batch), device=values.device)
+    index = torch.cat([grid[:k] + above_entry, grid[:batch] + above_cand], dim=1)
+    # Real items land on 0..(filled + passing - 1) one each; empty items (identical) may share places.
     out = []
-    for old, new, fill in ((values, cand, float("-inf")), (units, unit_ids.expand_as(cand), EMPTY_UNIT)):
-        out.append(torch.full((n_rows, dump + 1), fill, dtype=old.dtype, device=old.device))
-        out[-1].scatter_(1, index, torch.cat([old, new], dim=1))
-    out.append(torch.full((n_rows, dump + 1), EMPTY_UNIT, dtype=positions.dtype, device=positions.device))
-    out[-1].scatter_(1, index, torch.cat([positions, cand_positions], dim=1))
-    return out[0][:, :k], out[1][:, :k], out[2][:, :k]
+    for old, new in ((values, c_values), (units, c_units), (positions, c_positions)):
+        merged = torch.empty((n_rows, k + batch), dtype=old.dtype, device=old.device)
+        out.append(merged.scatter_(1, index, torch.cat([old, new], dim=1))[:, :k])
+    return out[0], out[1], out[2]
 
 
 def update_topk(
