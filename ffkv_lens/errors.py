@@ -16,6 +16,7 @@ __all__ = [
     "CorpusNotAvailableError",
     "FfkvLensError",
     "HookNotFiredError",
+    "MissingActivationsError",
     "ModelNotAvailableError",
     "ModelConversionError",
     "RunFolderError",
@@ -53,6 +54,10 @@ class UnsupportedArchitectureError(FfkvLensError):
 
 class HookNotFiredError(FfkvLensError):
     """A hook the adapters rely on did not fire during a forward pass."""
+
+
+class MissingActivationsError(ConfigError):
+    """An activation cache given to ffkv_lens lacks hooks the computation needs."""
 
 
 class AtlasMismatchError(FfkvLensError):

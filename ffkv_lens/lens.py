@@ -23,7 +23,8 @@ class MemoryLens:
     """Every FFN layer of a model read as a bank of key-value memories.
 
     Args:
-        model: A ``TransformerBridge`` (TransformerLens 4.x) or a :class:`MemoryAdapter`.
+        model: A ``TransformerBridge`` (TransformerLens 4.x), a ``HookedTransformer``
+            (TransformerLens 3.x) or a :class:`MemoryAdapter`.
 
     Attributes:
         adapter: The backend- and family-specific adapter behind this lens.
@@ -170,6 +171,48 @@ class MemoryLens:
         from ffkv_lens.analysis.values import project_values
 
         return project_values(self, top_k=top_k, layers=layers)
+
+    def contributions(
+        self,
+        source: Any,
+        *,
+        position: int,
+        token: int | str | None = None,
+        top: int | None = 20,
+        layers: int | Sequence[int] | None = None,
+        batch: int = 0,
+        top_tokens: int = 5,
+    ) -> Any:
+        """The memories that most push ``token`` (default: the prediction) at ``position``.
+
+        ``contribution = (m_i / s_post) * value_logits[i, token] / s_final``: coefficient times the
+        value's direction-only logit of the token, through the final norm's scale at the position
+        (and Gemma's post-FFN norm scale). A layer's contributions sum to the direct logit
+        attribution of its FFN output without bias (centred over the vocabulary, before any
+        soft-cap); ``attrs["layer_totals"]`` holds those sums. See
+        :func:`ffkv_lens.analysis.contributions.contributions` and docs/transformerlens.md.
+
+        Args:
+            source: Text, token ids, or an ``ActivationCache`` from ``model.run_with_cache``
+                (then no forward pass runs; missing hooks are named in the error).
+            position: Token position (negative from the end).
+            token: Token id or one-token string (default: the model's prediction there).
+            top: Rows kept, largest contribution first (``None``: every memory).
+            layers: Layers to attribute (default all).
+            batch: Row of ``source`` when it holds several sequences.
+            top_tokens: Top value tokens listed per memory (0: none, faster with ``top=None``).
+
+        Returns:
+            A DataFrame ``layer, key, coefficient, contribution, value_top_tokens``.
+
+        Example:
+            >>> lens.contributions("The capital of France is", position=-1, top=5)  # doctest: +SKIP
+        """
+        from ffkv_lens.analysis.contributions import contributions
+
+        return contributions(
+            self, source, position=position, token=token, top=top, layers=layers, batch=batch, top_tokens=top_tokens
+        )
 
     def hook_names(self, layer: int) -> LayerHooks:
         """Canonical hook names of ``layer`` used by the analyses."""

@@ -43,6 +43,42 @@ def boot(folder: Path):
         return TransformerBridge.boot_transformers(str(folder), device="cpu", dtype=torch.float32)
 
 
+def has_hooked_transformer() -> bool:
+    """Whether the installed TransformerLens has ``HookedTransformer`` (3.x; removed in 4.0)."""
+    try:
+        from transformer_lens import HookedTransformer  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build_hooked(folder: Path, processed: bool):
+    """A HookedTransformer with the weights of a saved HF folder (TransformerLens's converters), quietly."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ffkv_lens.adapters.hooked_loading import build_hooked_model
+
+    logging.getLogger("transformer_lens").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        return build_hooked_model(hf_model, tokenizer, processed=processed, name=Path(folder).name)
+
+
+@pytest.fixture(scope="session")
+def tiny_hooked(tiny_folder: Callable[[str], Path]) -> Callable[[str, bool], object]:
+    """``tiny_hooked(family, processed)``: a HookedTransformer of that family, shared (do not mutate)."""
+    built: dict[tuple[str, bool], object] = {}
+
+    def get(family: str, processed: bool):
+        if (family, processed) not in built:
+            built[family, processed] = build_hooked(tiny_folder(family), processed)
+        return built[family, processed]
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def tiny_bridge(tiny_folder: Callable[[str], Path]) -> Callable[[str], object]:
     """``tiny_bridge(family)``: a booted bridge of that family, shared by the session (do not mutate)."""

@@ -1,14 +1,15 @@
 """Adapters: the only package of ffkv_lens that imports transformer_lens.
 
-:func:`make_adapter` picks a backend by the model's class (TransformerBridge today) and a
-family by its architecture (:mod:`ffkv_lens.adapters.families`). Backends are imported
-lazily so that ``import ffkv_lens`` stays fast.
+:func:`make_adapter` picks a backend by the model's class (``TransformerBridge``, TransformerLens
+3.9 and 4.3+; ``HookedTransformer``, TransformerLens 3.x) and a family by its architecture
+(:mod:`ffkv_lens.adapters.families`). Backends are imported lazily so that ``import ffkv_lens``
+stays fast.
 """
 
 import importlib
 from typing import Any
 
-from ffkv_lens.adapters.base import LayerHooks, MemoryAdapter
+from ffkv_lens.adapters.base import LayerHooks, MemoryAdapter, ReadoutHooks
 from ffkv_lens.adapters.families import FAMILIES, FamilySpec, register_family, supported_architectures
 from ffkv_lens.errors import ConfigError
 
@@ -17,6 +18,8 @@ __all__ = [
     "FamilySpec",
     "LayerHooks",
     "MemoryAdapter",
+    "ReadoutHooks",
+    "load_hooked_model",
     "load_model",
     "make_adapter",
     "register_family",
@@ -26,6 +29,7 @@ __all__ = [
 # model class name -> "module:factory"; the factory takes the model and returns an adapter.
 _BACKENDS = {
     "TransformerBridge": "ffkv_lens.adapters.bridge:make_bridge_adapter",
+    "HookedTransformer": "ffkv_lens.adapters.hooked:make_hooked_adapter",
 }
 
 
@@ -33,7 +37,8 @@ def make_adapter(model: Any) -> MemoryAdapter:
     """Wrap a TransformerLens model in the adapter of its backend and family.
 
     Args:
-        model: A ``TransformerBridge`` (or an existing :class:`MemoryAdapter`, returned as is).
+        model: A ``TransformerBridge``, a ``HookedTransformer`` (or an existing
+            :class:`MemoryAdapter`, returned as is).
 
     Returns:
         The adapter.
@@ -58,5 +63,12 @@ def make_adapter(model: Any) -> MemoryAdapter:
 def load_model(*args: Any, **kwargs: Any) -> Any:
     """Load a model as a ``TransformerBridge``; see :func:`ffkv_lens.adapters.loading.load_model`."""
     from ffkv_lens.adapters.loading import load_model as _load
+
+    return _load(*args, **kwargs)
+
+
+def load_hooked_model(*args: Any, **kwargs: Any) -> Any:
+    """Load a model as a ``HookedTransformer`` (transformer-lens 3.x); see :mod:`ffkv_lens.adapters.hooked_loading`."""
+    from ffkv_lens.adapters.hooked_loading import load_hooked_model as _load
 
     return _load(*args, **kwargs)

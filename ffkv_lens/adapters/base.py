@@ -24,7 +24,7 @@ from ffkv_lens.adapters.families import FamilySpec
 from ffkv_lens.errors import ConfigError, HookNotFiredError
 from ffkv_lens.types import AttentionMask, Coefficients, Keys, Logits, MemoryLogits, Residual, Tokens, ValueBias, Values
 
-__all__ = ["FwdHook", "LayerHooks", "MemoryAdapter"]
+__all__ = ["FwdHook", "LayerHooks", "MemoryAdapter", "ReadoutHooks"]
 
 FwdHook = tuple[str, Callable[[Tensor, Any], Tensor | None]]
 
@@ -57,6 +57,23 @@ class LayerHooks:
     def required(self) -> list[str]:
         """Every hook name of this layer that is set."""
         return [n for n in vars(self).values() if n is not None]
+
+
+@dataclass(frozen=True)
+class ReadoutHooks:
+    """Canonical hook names of the final readout.
+
+    Attributes:
+        resid: The residual stream the readout reads (the last layer's ``resid_after_ffn``).
+        norm_scale: Per-token scale of the final norm computed from it (``ln_final.hook_scale``).
+    """
+
+    resid: str
+    norm_scale: str
+
+    def required(self) -> list[str]:
+        """Both names."""
+        return [self.resid, self.norm_scale]
 
 
 class MemoryAdapter(abc.ABC):
@@ -188,16 +205,77 @@ class MemoryAdapter(abc.ABC):
         """Logits of full residual states: final norm + unembedding (+ soft-cap)."""
 
     @abc.abstractmethod
-    def value_logits(self, layer: int, memories: Tensor | Sequence[int] | None = None) -> MemoryLogits:
-        """Direction-only projection of value vectors into the vocabulary.
+    def readout_hooks(self) -> ReadoutHooks:
+        """Canonical hook names of the final residual and the final norm's scale."""
 
-        See :attr:`value_readout_mode` for the exact definition this backend uses.
-        """
+    def hook_aliases(self, name: str) -> list[str]:
+        """Every name under which ``name``'s hook point may appear in an ``ActivationCache``."""
+        return [name]
+
+    @abc.abstractmethod
+    def unembedding(self) -> Float[Tensor, "d_model d_vocab"]:
+        """The unembedding matrix ``W_U`` (the final norm's gain folded in on processed weights)."""
+
+    @abc.abstractmethod
+    def final_norm_gain(self) -> Float[Tensor, " d_model"] | None:
+        """Gain of the final norm still applied before ``W_U`` (``None`` when folded into it)."""
 
     @property
     @abc.abstractmethod
+    def final_norm_centres(self) -> bool:
+        """Whether the final norm subtracts the mean (LayerNorm) rather than only scaling (RMSNorm)."""
+
+    # -- value readout, shared by every backend ---------------------------------------------------
+    @property
     def value_readout_mode(self) -> str:
-        """The definition used by :meth:`value_logits`, recorded with results."""
+        """The definition used by :meth:`value_logits`, recorded with results.
+
+        The same string on every backend and with processed or raw weights: the numbers agree.
+        """
+        if self.spec.readout == "mlm_head":
+            return "mlm_head(v), centred over the vocabulary"
+        if self.final_norm_centres:
+            return "direction: (gamma_final * center(v)) @ W_U, centred over the vocabulary"
+        return "direction: (gamma_final * v) @ W_U, centred over the vocabulary"
+
+    def _value_rows(self, layer: int, memories: Tensor | Sequence[int] | None) -> Tensor:
+        vals = self.values(layer)
+        if memories is not None:
+            vals = vals[torch.as_tensor(memories, device=vals.device, dtype=torch.long)]
+        return vals
+
+    def _value_directions(self, vals: Tensor) -> Tensor:
+        if self.final_norm_centres:
+            vals = vals - vals.mean(dim=-1, keepdim=True)
+        gain = self.final_norm_gain()
+        return vals if gain is None else vals * gain
+
+    def value_logits(self, layer: int, memories: Tensor | Sequence[int] | None = None) -> MemoryLogits:
+        """Direction-only projection of value vectors into the vocabulary.
+
+        ``(gamma_final * center(v)) @ W_U`` on LayerNorm models, ``(gamma_final * v) @ W_U`` on
+        RMSNorm models, centred over the vocabulary: centring removes the per-memory constant that
+        weight processing (a centred unembedding) adds, so processed and raw weights, and every
+        backend, give the same logits. BERT reads values through its MLM head. See
+        :attr:`value_readout_mode`.
+        """
+        vals = self._value_rows(layer, memories)
+        if self.spec.readout == "mlm_head":
+            logits = self.readout(vals)
+        else:
+            logits = self._value_directions(vals) @ self.unembedding().detach()
+        return logits - logits.mean(dim=-1, keepdim=True)
+
+    def value_token_logits(
+        self, layer: int, token_ids: Tensor | Sequence[int], memories: Tensor | Sequence[int] | None = None
+    ) -> Float[Tensor, "memories n"]:
+        """``value_logits(layer, memories)[:, token_ids]`` without projecting the whole vocabulary."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
+        if self.spec.readout == "mlm_head":
+            return self.value_logits(layer, memories)[:, ids.to(self.device)]
+        w_u = self.unembedding().detach()
+        directions = w_u[:, ids.to(w_u.device)] - w_u.mean(dim=1, keepdim=True)
+        return self._value_directions(self._value_rows(layer, memories)) @ directions
 
     # -- derived, backend independent ------------------------------------------------------------
     def check_layers(self, layers: int | Sequence[int] | None) -> list[int]:

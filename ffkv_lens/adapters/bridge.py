@@ -15,10 +15,10 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
-from ffkv_lens.adapters.base import FwdHook, LayerHooks, MemoryAdapter
+from ffkv_lens.adapters.base import FwdHook, LayerHooks, MemoryAdapter, ReadoutHooks
 from ffkv_lens.adapters.families import FamilySpec, family_for_architecture
 from ffkv_lens.errors import ConfigError, UnsupportedArchitectureError
-from ffkv_lens.types import AttentionMask, Keys, Logits, MemoryLogits, Residual, Tokens, ValueBias, Values
+from ffkv_lens.types import AttentionMask, Keys, Logits, Residual, Tokens, ValueBias, Values
 
 __all__ = ["BridgeAdapter"]
 
@@ -49,6 +49,7 @@ class BridgeAdapter(MemoryAdapter):
         self._act = ACT2FN[cfg.act_fn]
         self._parallel = self.spec.layout == "parallel" and bool(cfg.parallel_attn_mlp)
         self._hooks = [self._layer_hooks(layer) for layer in range(cfg.n_layers)]
+        self._aliases: dict[str, list[str]] | None = None
 
     # -- shape -----------------------------------------------------------------------------
     @property
@@ -105,15 +106,22 @@ class BridgeAdapter(MemoryAdapter):
 
     def _layer_hooks(self, layer: int) -> LayerHooks:
         name = lambda alias: self._canonical(layer, alias)  # noqa: E731
+        # The input of the first projection is x on every family; transformer-lens 3.9 never fires
+        # the container's mlp.hook_in on OPT and BERT, whose MLP has no HF module of its own.
+        first_in = f"blocks.{layer}.mlp.in.hook_in"
+        if not self.spec.gated and first_in in self.model.hook_dict:
+            ffn_input = self.model.hook_dict[first_in].name
+        else:
+            ffn_input = name("mlp.hook_in")
         if self.spec.layout == "post_norm":
-            before, after = name("mlp.hook_in"), name("ln2.hook_in")
+            before, after = ffn_input, name("ln2.hook_in")
         elif self._parallel:
             before, after = None, name("hook_resid_post")
         else:
             before, after = name("hook_resid_mid"), name("hook_resid_post")
         return LayerHooks(
             coefficients=name("mlp.hook_post"),
-            ffn_input=name("mlp.hook_in"),
+            ffn_input=ffn_input,
             ffn_output=name("hook_mlp_out"),
             resid_before_ffn=before,
             resid_after_ffn=after,
@@ -189,27 +197,29 @@ class BridgeAdapter(MemoryAdapter):
             logits = cap * torch.tanh(logits / cap)
         return logits
 
-    @property
-    def value_readout_mode(self) -> str:
-        if self.spec.readout == "mlm_head":
-            return "mlm_head(v), centred over the vocabulary"
-        if self.model.cfg.normalization_type == "LN":
-            return "direction: (gamma_final * center(v)) @ W_U, centred over the vocabulary"
-        return "direction: (gamma_final * v) @ W_U, centred over the vocabulary"
+    def readout_hooks(self) -> ReadoutHooks:
+        return ReadoutHooks(
+            resid=self.hook_names(self.n_layers - 1).resid_after_ffn,
+            norm_scale=self.model.hook_dict["ln_final.hook_scale"].name,
+        )
 
-    def value_logits(self, layer: int, memories: Tensor | Sequence[int] | None = None) -> MemoryLogits:
-        vals = self.values(layer)
-        if memories is not None:
-            vals = vals[torch.as_tensor(memories, device=vals.device, dtype=torch.long)]
-        if self.spec.readout == "mlm_head":
-            logits = self.readout(vals)
-        else:
-            if self.model.cfg.normalization_type == "LN":
-                vals = vals - vals.mean(dim=-1, keepdim=True)
-            logits = (vals * self._norm_gain(self.model.ln_final)) @ self.model.W_U.detach()
-        # Centring over the vocabulary removes the per-memory constant that weight processing
-        # (centred unembedding) adds, so processed and raw weights give identical logits.
-        return logits - logits.mean(dim=-1, keepdim=True)
+    def hook_aliases(self, name: str) -> list[str]:
+        if self._aliases is None:
+            groups: dict[str, list[str]] = {}
+            for alias, point in self.model.hook_dict.items():
+                groups.setdefault(point.name, []).append(alias)
+            self._aliases = {key: [key, *sorted(set(names) - {key})] for key, names in groups.items()}
+        return self._aliases.get(name, [name])
+
+    def unembedding(self) -> Tensor:
+        return self.model.W_U
+
+    def final_norm_gain(self) -> Tensor:
+        return self._norm_gain(self.model.ln_final)
+
+    @property
+    def final_norm_centres(self) -> bool:
+        return self.model.cfg.normalization_type in ("LN", "LNPre")
 
 
 def make_bridge_adapter(model: TransformerBridge) -> BridgeAdapter:

@@ -51,3 +51,30 @@ def check_readout(lens: MemoryLens, tokens: torch.Tensor, rel: float) -> None:
     resid = lens.adapter.record(tokens, [name])[name]
     logits = lens.adapter.model(tokens)
     assert_close(lens.readout(resid), logits, rel=rel, what="(c) readout")
+
+
+def assert_atlases_equivalent(atlas, reference, *, rel: float = 1e-4, tie_rel: float = 1e-5, what: str = "") -> int:
+    """Same units and positions at every rank, up to ties; coefficients within ``rel``.
+
+    A rank may name another (unit, position) only where the two coefficients at that rank agree
+    within ``tie_rel`` times the layer's largest coefficient (fp32 errors are absolute-ish): a tie
+    that one backend breaks by float error (e.g. identical prefixes in two batch rows computed a few
+    ulps apart). Returns how many ranks differ.
+    """
+    assert atlas.layers == reference.layers, f"{what}: layers {atlas.layers} vs {reference.layers}"
+    differing = 0
+    for layer in atlas.layers:
+        tables = [(atlas.top, reference.top)] + ([(atlas.bottom, reference.bottom)] if reference.bottom else [])
+        for mine, theirs in tables:
+            a, b = mine[layer], theirs[layer]
+            assert_close(a.values, b.values, rel=rel, what=f"{what} values layer {layer}")
+            moved = (a.units != b.units) | (a.positions != b.positions)
+            scale = b.values.abs().max().clamp_min(1e-30)
+            untied = moved & ((a.values - b.values).abs() > tie_rel * scale)
+            assert not untied.any(), (
+                f"{what} layer {layer}: {int(untied.sum())} ranks name other units without a tie, e.g. key "
+                f"{int(untied.nonzero()[0, 0])}: {a.units[untied.nonzero()[0, 0]].tolist()} vs "
+                f"{b.units[untied.nonzero()[0, 0]].tolist()}"
+            )
+            differing += int(moved.sum())
+    return differing
