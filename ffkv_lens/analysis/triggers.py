@@ -10,6 +10,7 @@ Ranking: coefficient descending, ties to the lower unit id; within a unit the fi
 position attaining the maximum. The result does not depend on the batch size.
 """
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterator
@@ -125,14 +126,11 @@ class TriggerSearch:
         def reduce(m: Tensor, hook: Any) -> None:
             layer = self._hook_layer[hook.name]
             m = m.detach().to(self.dtype)
-            if self.bottom is None:
-                self.top[layer] = update_topk(self.top[layer], m, valid, unit_ids)
-            else:  # one pass for both signs
-                self.top[layer], self.bottom[layer] = update_topk_signed(
-                    self.top[layer], self.bottom[layer], m, valid, unit_ids
-                )
+            with _one_cpu_thread(m.device):
+                self._reduce(layer, m, valid, unit_ids)
 
         start = time.perf_counter()
+
         with torch.no_grad():
             self.adapter.run_with_hooks(
                 tokens, [(name, reduce) for name in self._hook_layer], attention_mask=mask, stop_after=self._stop
@@ -148,6 +146,14 @@ class TriggerSearch:
         self.progress.units += len(batch.units)
         self.progress.tokens += int(sum(batch.lengths))
         self.progress.batches += 1
+
+    def _reduce(self, layer: int, m: Tensor, valid: Tensor, unit_ids: Tensor) -> None:
+        if self.bottom is None:
+            self.top[layer] = update_topk(self.top[layer], m, valid, unit_ids)
+        else:  # one pass for both signs
+            self.top[layer], self.bottom[layer] = update_topk_signed(
+                self.top[layer], self.bottom[layer], m, valid, unit_ids
+            )
 
     def prune_units(self) -> None:
         """Forget the tokens of units no longer referenced by any top-k table."""
@@ -256,6 +262,29 @@ class TriggerSearch:
         from ffkv_lens.analysis.checkpoint import read_checkpoint
 
         return read_checkpoint(Path(folder), self)
+
+
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Run the top-k update on one CPU thread, then restore torch's thread count.
+
+    The update is many small ops; split over threads, each op waits for the slowest thread, and on a
+    machine where another process holds a core that wait is a scheduler time slice per op. Measured
+    on the 2-core CPU with another job running (SmolLM2, sentences, 4,000 tokens): search 217 s with
+    two threads in the update, 67 s with one; the forward alone took 76 s (docs/performance.md).
+    """
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _versions() -> dict[str, str]:
