@@ -17,6 +17,7 @@ from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
 from ffkv_lens.adapters.base import FwdHook, LayerHooks, MemoryAdapter, ReadoutHooks
 from ffkv_lens.adapters.families import FamilySpec, family_for_architecture
+from ffkv_lens.adapters.tl_model import TLModelShape
 from ffkv_lens.errors import ConfigError, UnsupportedArchitectureError
 from ffkv_lens.types import AttentionMask, Keys, Logits, Residual, Tokens, ValueBias, Values
 
@@ -27,7 +28,7 @@ def _raise_stop(tensor: Tensor, hook: Any) -> None:
     raise StopAtLayerException(tensor)
 
 
-class BridgeAdapter(MemoryAdapter):
+class BridgeAdapter(TLModelShape, MemoryAdapter):
     """Key-value memories of a :class:`transformer_lens.model_bridge.TransformerBridge`.
 
     Args:
@@ -53,38 +54,8 @@ class BridgeAdapter(MemoryAdapter):
 
     # -- shape -----------------------------------------------------------------------------
     @property
-    def n_layers(self) -> int:
-        return int(self.model.cfg.n_layers)
-
-    @property
-    def d_model(self) -> int:
-        return int(self.model.cfg.d_model)
-
-    @property
-    def d_mlp(self) -> int:
-        return int(self.model.blocks[0].mlp.W_out.shape[0])
-
-    @property
-    def d_vocab(self) -> int:
-        return int(self.model.W_U.shape[-1])
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.W_U.device
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.model.tokenizer
-
-    @property
     def model_name(self) -> str:
         return str(getattr(self.model.cfg, "model_name", None) or self.model.cfg.architecture)
-
-    @property
-    def bos_token_id(self) -> int | None:
-        if not self.model.cfg.default_prepend_bos:
-            return None
-        return self.tokenizer.bos_token_id
 
     def describe(self) -> dict[str, Any]:
         from importlib.metadata import version

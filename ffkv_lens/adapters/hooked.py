@@ -31,6 +31,7 @@ from torch import Tensor
 
 from ffkv_lens.adapters.base import FwdHook, LayerHooks, MemoryAdapter, ReadoutHooks
 from ffkv_lens.adapters.families import FamilySpec, family_for_architecture
+from ffkv_lens.adapters.tl_model import TLModelShape
 from ffkv_lens.errors import ConfigError, UnsupportedArchitectureError
 from ffkv_lens.types import AttentionMask, Keys, Logits, Residual, Tokens, ValueBias, Values
 
@@ -49,7 +50,7 @@ def _nonzero(bias: Tensor | None) -> Tensor | None:
     return None if bias is None or not bool(bias.detach().any()) else bias.detach()
 
 
-class HookedAdapter(MemoryAdapter):
+class HookedAdapter(TLModelShape, MemoryAdapter):
     """Key-value memories of a :class:`transformer_lens.HookedTransformer` (TransformerLens 3.x).
 
     Args:
@@ -85,38 +86,8 @@ class HookedAdapter(MemoryAdapter):
 
     # -- shape -----------------------------------------------------------------------------
     @property
-    def n_layers(self) -> int:
-        return int(self.model.cfg.n_layers)
-
-    @property
-    def d_model(self) -> int:
-        return int(self.model.cfg.d_model)
-
-    @property
-    def d_mlp(self) -> int:
-        return int(self.model.blocks[0].mlp.W_out.shape[0])
-
-    @property
-    def d_vocab(self) -> int:
-        return int(self.model.W_U.shape[-1])
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.W_U.device
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.model.tokenizer
-
-    @property
     def model_name(self) -> str:
         return str(self.model.cfg.model_name or self.model.cfg.original_architecture)
-
-    @property
-    def bos_token_id(self) -> int | None:
-        if not self.model.cfg.default_prepend_bos:
-            return None
-        return self.tokenizer.bos_token_id
 
     def weight_processing(self) -> dict[str, bool]:
         """Which of ``from_pretrained``'s weight processing steps this model shows (detected)."""

@@ -1,0 +1,46 @@
+"""What both TransformerLens backends read the same way from ``model.cfg`` and the weights."""
+
+from typing import Any
+
+import torch
+
+__all__ = ["TLModelShape"]
+
+
+class TLModelShape:
+    """Sizes, device, tokenizer and BOS of a TransformerLens model (``HookedTransformer`` or bridge).
+
+    Mixed into the adapters, which set ``self.model``; ``model_name`` stays backend-specific.
+    """
+
+    model: Any
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.model.cfg.n_layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.cfg.d_model)
+
+    @property
+    def d_mlp(self) -> int:
+        return int(self.model.blocks[0].mlp.W_out.shape[0])
+
+    @property
+    def d_vocab(self) -> int:
+        return int(self.model.W_U.shape[-1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.W_U.device
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.model.tokenizer
+
+    @property
+    def bos_token_id(self) -> int | None:
+        if not self.model.cfg.default_prepend_bos:
+            return None
+        return self.tokenizer.bos_token_id
