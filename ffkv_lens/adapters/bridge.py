@@ -139,9 +139,6 @@ class BridgeAdapter(TLModelShape, MemoryAdapter):
         return norm.original_component.weight.detach() + self.spec.norm_gain_offset
 
     # -- running -----------------------------------------------------------------------------
-    def to_tokens(self, text: str | list[str], *, prepend_bos: bool | None = None) -> Tokens:
-        return self.model.to_tokens(text, prepend_bos=prepend_bos)
-
     def run_with_hooks(
         self,
         tokens: Tokens,

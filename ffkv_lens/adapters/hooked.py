@@ -191,9 +191,6 @@ class HookedAdapter(TLModelShape, MemoryAdapter):
         return str(self.model.cfg.normalization_type).startswith("LN")
 
     # -- running -----------------------------------------------------------------------------
-    def to_tokens(self, text: str | list[str], *, prepend_bos: bool | None = None) -> Tokens:
-        return self.model.to_tokens(text, prepend_bos=prepend_bos)
-
     def run_with_hooks(
         self,
         tokens: Tokens,

@@ -4,11 +4,13 @@ from typing import Any
 
 import torch
 
+from ffkv_lens.types import Tokens
+
 __all__ = ["TLModelShape"]
 
 
 class TLModelShape:
-    """Sizes, device, tokenizer and BOS of a TransformerLens model (``HookedTransformer`` or bridge).
+    """Sizes, device, tokenizer, BOS and tokenisation of a TransformerLens model (``HookedTransformer`` or bridge).
 
     Mixed into the adapters, which set ``self.model``; ``model_name`` stays backend-specific.
     """
@@ -44,3 +46,6 @@ class TLModelShape:
         if not self.model.cfg.default_prepend_bos:
             return None
         return self.tokenizer.bos_token_id
+
+    def to_tokens(self, text: str | list[str], *, prepend_bos: bool | None = None) -> Tokens:
+        return self.model.to_tokens(text, prepend_bos=prepend_bos)
