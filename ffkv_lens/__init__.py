@@ -12,10 +12,21 @@ transformer_lens) load on first use.
 import importlib
 from typing import Any
 
-__all__ = ["Corpus", "MemoryLens", "TriggerAtlas", "TriggerExample", "list_models", "load_model"]
+__all__ = [
+    "Comparison",
+    "Corpus",
+    "MemoryLens",
+    "TriggerAtlas",
+    "TriggerExample",
+    "compare",
+    "list_models",
+    "load_model",
+]
 __version__ = "0.1.0"
 
 _LAZY = {
+    "Comparison": "ffkv_lens.comparison",
+    "compare": "ffkv_lens.comparison",
     "Corpus": "ffkv_lens.corpus",
     "TriggerAtlas": "ffkv_lens.analysis.atlas",
     "TriggerExample": "ffkv_lens.analysis.atlas",

@@ -2,8 +2,9 @@
 
 Subcommands: ``models`` (the embedded models and their state), ``layout`` (load a model and
 print its memory layout), ``run`` (the whole study into a run folder), ``report`` (rebuild a run
-folder's ``report.html``), ``show`` (one memory in the terminal) and ``browse`` (the memory
-browser on a local web server). ``main(argv)`` is callable from tests.
+folder's ``report.html``), ``show`` (one memory in the terminal), ``browse`` (the memory
+browser on a local web server) and ``compare`` (several runs side by side, memories matched
+across models). ``main(argv)`` is callable from tests.
 
 Example:
     $ ffkv-lens layout --model smollm2-135m
@@ -36,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_browse(sub)
     _add_report(sub)
     _add_show(sub)
+    _add_compare(sub)
     return parser
 
 
@@ -156,24 +158,32 @@ def _cmd_show(args: argparse.Namespace) -> int:
 def _add_browse(sub: argparse._SubParsersAction) -> None:
     browse = sub.add_parser(
         "browse",
-        help="explore a run folder's memories in a local web page",
-        description="Index RUN_DIR (once; again when the run changes) into RUN_DIR/browser.sqlite and serve the "
-        "memory browser on a loopback address until Ctrl-C.",
+        help="explore the memories of one or more runs (and their cross-model matches) in a local web page",
+        description="Index each run folder (once; again when the run changes) into RUN_DIR/browser.sqlite, and each "
+        "comparison folder's matches into CMP_DIR/browser.sqlite, then serve the memory browser on a loopback "
+        "address until Ctrl-C. A comparison folder brings in all its runs; the first run is shown first.",
     )
-    browse.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (--out of `ffkv-lens run`)")
+    browse.add_argument(
+        "paths", nargs="+", metavar="PATH", help="a run folder (--out of `ffkv-lens run`) or a comparison folder "
+        "(--out of `ffkv-lens compare`)",
+    )  # fmt: skip
     browse.add_argument("--port", type=int, default=8000, help="TCP port (0: pick a free one; default 8000)")
     browse.add_argument("--host", default="127.0.0.1", help="loopback address to listen on (default 127.0.0.1)")
     browse.add_argument("--no-open", action="store_true", help="do not open the page in a web browser")
-    browse.add_argument("--rebuild", action="store_true", help="rebuild the index even if it is current")
+    browse.add_argument("--rebuild", action="store_true", help="rebuild the indexes even if they are current")
 
 
 def _cmd_browse(args: argparse.Namespace) -> int:
-    from ffkv_lens.browser import BrowserServer, open_index
+    from ffkv_lens.browser import BrowserServer, open_catalog
 
     start = time.perf_counter()
-    index = open_index(args.run_dir, rebuild=args.rebuild, progress=True)
-    server = BrowserServer(index, host=args.host, port=args.port)
-    print(f"index: {index} ({time.perf_counter() - start:.1f} s)")
+    catalog = open_catalog(args.paths, rebuild=args.rebuild, progress=True)
+    server = BrowserServer(catalog, host=args.host, port=args.port)
+    for run in catalog.runs.values():
+        print(f"run {run.label}: {run.index}")
+    for comparison in catalog.comparisons:
+        print(f"comparison {comparison.folder}: {comparison.index or 'no tables/matches.csv, no matches'}")
+    print(f"indexes ready in {time.perf_counter() - start:.1f} s")
     print(f"memory browser: {server.url}  (Ctrl-C to stop)", flush=True)
     if not args.no_open:
         import webbrowser
@@ -185,6 +195,40 @@ def _cmd_browse(args: argparse.Namespace) -> int:
         print("stopped")
     finally:
         server.server_close()
+    return 0
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    cmp = sub.add_parser(
+        "compare",
+        help="compare run folders of several models: overlaid curves, matched memories, report.html",
+        description="Overlay the per-layer analyses of the runs by relative depth and match memories across the "
+        "models (value distributions over the shared vocabulary, key coefficients over the same text), each "
+        "calibrated against a permutation null at a false-discovery rate. Writes --out/report.html.",
+    )
+    cmp.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="two or more run folders")
+    cmp.add_argument("--out", required=True, help="the comparison folder to write")
+    cmp.add_argument("--allow-different-corpora", action="store_true", help="compare runs on different corpora")
+    cmp.add_argument("--no-match", action="store_true", help="curves only (no model is loaded)")
+    cmp.add_argument("--fdr", type=float, default=0.05, help="false-discovery rate of reported matches")
+    cmp.add_argument("--positions", type=_positive, default=2000, help="aligned positions of the key sample")
+    cmp.add_argument("--documents", type=_positive, default=400, help="documents drawn for the key sample")
+    cmp.add_argument("--top-n", type=_positive, default=3, help="closest memories kept per memory")
+    cmp.add_argument("--seed", type=int, default=0)
+    cmp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from ffkv_lens.comparison import compare
+
+    start = time.perf_counter()
+    result = compare(
+        args.run_dirs, args.out, match=not args.no_match, allow_different_corpora=args.allow_different_corpora,
+        fdr=args.fdr, positions=args.positions, documents=args.documents, top_n=args.top_n, seed=args.seed,
+        device=args.device, say=lambda line: print(line, flush=True),
+    )  # fmt: skip
+    print(f"finished in {(time.perf_counter() - start) / 60:.1f} min: {result.path}")
+    print(f"report: {result.path / 'report.html'}")
     return 0
 
 
@@ -236,6 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_report(args)
         if args.command == "show":
             return _cmd_show(args)
+        if args.command == "compare":
+            return _cmd_compare(args)
         return _cmd_layout(args.model, args.device, args.dtype)
     except FfkvLensError as err:
         print(f"ffkv-lens: error: {err}", file=sys.stderr)

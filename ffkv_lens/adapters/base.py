@@ -277,6 +277,23 @@ class MemoryAdapter(abc.ABC):
         directions = w_u[:, ids.to(w_u.device)] - w_u.mean(dim=1, keepdim=True)
         return self._value_directions(self._value_rows(layer, memories)) @ directions
 
+    def value_logit_factors(
+        self, layer: int, token_ids: Tensor | Sequence[int]
+    ) -> tuple[Float[Tensor, "d_mlp d_model"], Float[Tensor, "d_model n"]] | None:
+        """Two factors whose product is ``value_token_logits(layer, token_ids)`` centred over ``token_ids``.
+
+        Returns ``(directions, readout)``: the value directions of every memory of ``layer`` and
+        the unembedding columns of ``token_ids`` centred over those columns. Their product is the
+        value logits over those tokens up to a per-memory constant, which lets comparisons over a
+        sub-vocabulary work in ``d_model`` dimensions. ``None`` when the readout is not linear
+        (BERT's MLM head): use :meth:`value_token_logits` then.
+        """
+        if self.spec.readout == "mlm_head":
+            return None
+        w_u = self.unembedding().detach()
+        columns = w_u[:, torch.as_tensor(token_ids, dtype=torch.long, device=w_u.device).reshape(-1)]
+        return self._value_directions(self.values(layer)), columns - columns.mean(dim=1, keepdim=True)
+
     # -- derived, backend independent ------------------------------------------------------------
     def check_layers(self, layers: int | Sequence[int] | None) -> list[int]:
         """Normalise a layer selection to a sorted list of valid indices.

@@ -5,7 +5,8 @@ is missing or stale. Staleness is decided by a fingerprint stored in the index: 
 ``manifest.json``'s bytes plus the path, size and mtime of every file under ``atlas/`` and
 ``values/`` and of ``tables/*.csv``, plus :data:`SCHEMA_VERSION`. A build writes a temporary file
 beside the index and renames it over the index only when complete (``os.replace``), so a killed
-build never leaves a half index.
+build never leaves a half index; :func:`build_atomically` does that for a comparison's matches
+index too (:mod:`ffkv_lens.browser.matches`).
 
 The schema is in ``docs/browser.md``; the token-search rule is :func:`normalize_token`.
 
@@ -22,13 +23,17 @@ import os
 import sqlite3
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ffkv_lens.errors import RunFolderError
 from ffkv_lens.storage import read_json
 
-__all__ = ["INDEX_NAME", "SCHEMA_VERSION", "check_run_folder", "normalize_token", "open_index", "run_fingerprint"]
+__all__ = [
+    "INDEX_NAME", "SCHEMA_VERSION", "build_atomically", "check_run_folder", "normalize_token", "open_index",
+    "run_fingerprint", "stored_fingerprint",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 INDEX_NAME = "browser.sqlite"
@@ -156,26 +161,55 @@ def build_index(folder: Path, path: Path, *, fingerprint: str, progress: bool = 
     """Build the index into a temporary file beside ``path`` and rename it over ``path``."""
     from ffkv_lens.browser.build import fill_index
 
+    return build_atomically(
+        path, SCHEMA, lambda conn: fill_index(conn, folder, progress=progress), indexes=_INDEXES,
+        meta={"fingerprint": fingerprint, "schema": SCHEMA_VERSION},
+        hint="copy the run folder somewhere writable, or pass open_index(path=...)",
+    )  # fmt: skip
+
+
+def build_atomically(
+    path: Path,
+    sql: str,
+    fill: Callable[[sqlite3.Connection], dict[str, Any]],
+    *,
+    indexes: str,
+    meta: dict[str, Any],
+    hint: str,
+) -> Path:
+    """Create the tables of ``sql`` in a temporary file beside ``path``, ``fill`` them, rename it over ``path``.
+
+    Args:
+        path: Where the SQLite file ends up.
+        sql: SQL creating the tables, a ``meta(name, value)`` table among them.
+        fill: Inserts the rows (inside one transaction); returns ``meta`` entries.
+        indexes: SQL run after ``fill`` (indexes build faster over full tables).
+        meta: More ``meta`` entries (the fingerprint and schema version); ``build_seconds`` is added.
+        hint: How to fix an unwritable folder, for the error message.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        RunFolderError: The folder of ``path`` is not writable.
+    """
     _remove_stale_temps(path)
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as err:
-        raise RunFolderError(
-            f"cannot write the browser index beside {str(path)!r} ({err}); copy the run folder somewhere "
-            "writable, or pass open_index(path=...)."
-        ) from None
+        raise RunFolderError(f"cannot write the browser index beside {str(path)!r} ({err}); {hint}.") from None
     os.close(fd)
     tmp = Path(tmp_name)
     start = time.perf_counter()
     try:
         with contextlib.closing(sqlite3.connect(tmp)) as conn:
             _build_pragmas(conn)
-            conn.executescript(SCHEMA)
+            conn.executescript(sql)
             with conn:
-                meta = fill_index(conn, folder, progress=progress)
-                conn.executescript(_INDEXES)
-                meta.update(fingerprint=fingerprint, schema=SCHEMA_VERSION, build_seconds=time.perf_counter() - start)
-                conn.executemany("INSERT INTO meta VALUES (?, ?)", [(k, _json(v)) for k, v in meta.items()])
+                entries = {**fill(conn), **meta}
+                conn.executescript(indexes)
+                entries["build_seconds"] = time.perf_counter() - start
+                conn.executemany("INSERT INTO meta VALUES (?, ?)", [(k, _json(v)) for k, v in entries.items()])
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)

@@ -99,7 +99,8 @@ class BrowserIndex:
         """One row per layer: keys, examples, mean max probability, precision@k, agreement, shallow share."""
         return [dict(row) for row in self.conn.execute("SELECT * FROM layers ORDER BY layer")]
 
-    def _memory_id(self, layer: int, key: int) -> int:
+    def memory_id(self, layer: int, key: int) -> int:
+        """The memory's row id (``layer * d_mlp + key``); :class:`ConfigError` when it is not in the index."""
         if layer not in self.layers:
             raise ConfigError(f"layer={layer!r} is not in the index; layers: {_ranges(self.layers)}.")
         if not 0 <= key < self.d_mlp:
@@ -108,7 +109,7 @@ class BrowserIndex:
 
     def memory(self, layer: int, key: int) -> dict[str, Any]:
         """One memory: value tokens, scores, trigger examples of both signs, links to neighbours."""
-        memory_id = self._memory_id(layer, key)
+        memory_id = self.memory_id(layer, key)
         row = dict(self.conn.execute("SELECT * FROM memories WHERE id = ?", (memory_id,)).fetchone())
         examples: dict[str, list[dict[str, Any]]] = {"top": [], "bottom": []}
         for ex in self.conn.execute(_EXAMPLES, (memory_id,)):
@@ -122,6 +123,15 @@ class BrowserIndex:
             "examples": examples,
             "neighbours": self._neighbours(layer, key, memory_id, row),
         }
+
+    def top_tokens(self, memories: list[tuple[int, int]], n: int) -> dict[tuple[int, int], list[str]]:
+        """The first ``n`` top value tokens of each (layer, key) in the index (others are left out)."""
+        ids = {lay * self.d_mlp + k: (lay, k) for lay, k in memories if lay in self.layers and 0 <= k < self.d_mlp}
+        if not ids:
+            return {}
+        marks = ", ".join("?" * len(ids))
+        rows = self.conn.execute(f"SELECT id, top_tokens FROM memories WHERE id IN ({marks})", list(ids))
+        return {ids[i]: json.loads(tokens)[:n] if tokens else [] for i, tokens in rows}
 
     def _neighbours(self, layer: int, key: int, memory_id: int, row: dict[str, Any]) -> dict[str, Any]:
         at = self.layers.index(layer)

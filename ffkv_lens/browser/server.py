@@ -1,21 +1,26 @@
 """The memory browser's local web server: one self-contained page and a small JSON API.
 
-Standard library only (``http.server.ThreadingHTTPServer``): the API is four GET routes over
+Standard library only (``http.server.ThreadingHTTPServer``): the API is a few GET routes over
 read-only SQLite, so a web framework would add a dependency and nothing else. The server binds to
 a loopback address only (it has no authentication) and answers only requests whose ``Host``
 header names it, which stops DNS-rebinding pages from reading the API.
 
-Routes (all GET; bad parameters give HTTP 400 with ``{"error": "..."}``):
+It serves a :class:`~ffkv_lens.browser.catalog.Catalog`: one run, or several runs and the
+comparisons that match their memories. Routes (all GET; bad parameters, an unknown ``run`` among
+them, give HTTP 400 with ``{"error": "..."}``); ``run=LABEL`` picks the run (default: the first):
 
 - ``/``: the page (inline JS and CSS, no external resources).
-- ``/api/info``: model, layers, d_mlp, k, what the run folder holds.
-- ``/api/layers``: per-layer summary.
-- ``/api/memory?layer=L&key=K``: one memory (examples, value tokens, scores, neighbours).
-- ``/api/search/token?q=TOKEN[&sign=1|-1][&limit=N]``: memories whose value promotes the token.
-- ``/api/search/text?q=TEXT[&limit=N]``: memories whose trigger examples contain the text.
+- ``/api/runs``: the runs (label, model, layers, d_mlp, k) and comparisons served; the default run.
+- ``/api/info[?run=R]``: model, layers, d_mlp, k, what the run folder holds.
+- ``/api/layers[?run=R]``: per-layer summary.
+- ``/api/memory?layer=L&key=K[&run=R]``: one memory (examples, value tokens, scores, neighbours).
+- ``/api/matches?layer=L&key=K[&run=R]``: the memory's matches in the other runs (comparisons).
+- ``/api/search/token?q=TOKEN[&sign=1|-1][&limit=N][&run=R]``: memories whose value promotes the token.
+- ``/api/search/text?q=TEXT[&limit=N][&run=R]``: memories whose trigger examples contain the text.
 
 Example:
     >>> server = BrowserServer("runs/smollm2/browser.sqlite", port=0)  # doctest: +SKIP
+    >>> server = BrowserServer(open_catalog(["runs/cmp"]), port=0)  # doctest: +SKIP
     >>> print(server.url); server.serve_forever()  # doctest: +SKIP
 """
 
@@ -32,6 +37,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from ffkv_lens.browser.catalog import Catalog
 from ffkv_lens.browser.queries import DEFAULT_LIMIT, BrowserIndex
 from ffkv_lens.errors import ConfigError
 
@@ -45,10 +51,11 @@ _PAGE_CSP = (
 
 
 class BrowserServer(ThreadingHTTPServer):
-    """Serve one index on a loopback address; ``port=0`` picks a free port.
+    """Serve a run's index, or a catalog of runs and comparisons, on a loopback address.
 
     Args:
-        index_path: A built index (:func:`ffkv_lens.browser.open_index`).
+        source: A built index (:func:`ffkv_lens.browser.open_index`) or a catalog
+            (:func:`ffkv_lens.browser.open_catalog`).
         host: A loopback address or ``localhost``.
         port: TCP port (0: any free one).
 
@@ -58,10 +65,9 @@ class BrowserServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, index_path: str | Path, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.index_path = Path(index_path)
-        with BrowserIndex(self.index_path) as index:  # fails early on a damaged index
-            self.info = index.info()
+    def __init__(self, source: str | Path | Catalog, host: str = "127.0.0.1", port: int = 0) -> None:
+        # Opening every index here fails early on a damaged one.
+        self.catalog = source if isinstance(source, Catalog) else Catalog.from_index(source)
         self.page = resources.files("ffkv_lens.browser").joinpath("page.html").read_bytes()
         self.address_family = socket.AF_INET6 if ":" in _check_loopback(host) else socket.AF_INET
         try:
@@ -124,13 +130,22 @@ def _text(index: BrowserIndex, p: dict[str, str]) -> Any:
     return index.search_text(p.get("q", ""), limit=_int(p, "limit", DEFAULT_LIMIT))
 
 
-# path -> (allowed parameters, handler)
-_ROUTES: dict[str, tuple[tuple[str, ...], Callable[[BrowserIndex, dict[str, str]], Any]]] = {
+def _matches(catalog: Catalog, p: dict[str, str]) -> Any:
+    return catalog.matches(p.get("run"), _int(p, "layer"), _int(p, "key"))
+
+
+# Routes over one run's index: path -> (allowed parameters besides run, handler).
+_RUN_ROUTES: dict[str, tuple[tuple[str, ...], Callable[[BrowserIndex, dict[str, str]], Any]]] = {
     "/api/info": ((), lambda index, p: index.info()),
     "/api/layers": ((), lambda index, p: {"layers": index.layer_summary()}),
     "/api/memory": (("layer", "key"), _memory),
     "/api/search/token": (("q", "sign", "limit"), _token),
     "/api/search/text": (("q", "limit"), _text),
+}
+# Routes over the whole catalog: path -> (allowed parameters, handler).
+_CATALOG_ROUTES: dict[str, tuple[tuple[str, ...], Callable[[Catalog, dict[str, str]], Any]]] = {
+    "/api/runs": ((), lambda catalog, p: catalog.describe()),
+    "/api/matches": (("run", "layer", "key"), _matches),
 }
 
 
@@ -145,17 +160,22 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(403, {"error": f"Host {host!r} is not this server; open {self.server.url}."})
         elif url.path in ("/", "/index.html"):
             self._send(200, self.server.page, "text/html; charset=utf-8", {"Content-Security-Policy": _PAGE_CSP})
-        elif url.path in _ROUTES:
+        elif url.path in _RUN_ROUTES or url.path in _CATALOG_ROUTES:
             self._api(url.path, url.query)
         else:
             self._json(404, {"error": f"no such page {url.path!r}; the API is under /api/ (see docs/browser.md)."})
 
     def _api(self, path: str, query: str) -> None:
-        allowed, handler = _ROUTES[path]
+        catalog = self.server.catalog
         try:
-            params = _params(query, allowed)
-            with BrowserIndex(self.server.index_path) as index:
-                body = handler(index, params)
+            if path in _CATALOG_ROUTES:
+                allowed, on_catalog = _CATALOG_ROUTES[path]
+                body = on_catalog(catalog, _params(query, allowed))
+            else:
+                allowed, on_index = _RUN_ROUTES[path]
+                params = _params(query, (*allowed, "run"))
+                with catalog.open(params.pop("run", None)) as index:
+                    body = on_index(index, params)
         except ConfigError as err:
             self._json(400, {"error": str(err)})
         except sqlite3.Error as err:

@@ -1,12 +1,15 @@
-"""A tiny finished run folder (tiny random GPT-2, run_study) shared by the browser tests."""
+"""Tiny run folders (random GPT-2 and Llama, run_study) and a comparison of them, shared by the browser tests."""
 
+import json
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ffkv_lens.browser import BrowserServer, open_index
+from ffkv_lens.browser import BrowserServer, open_catalog, open_index
+from ffkv_lens.comparison import compare
 from ffkv_lens.pipeline import RunConfig, run_study
 from tests.factories import TEXT
 
@@ -15,15 +18,44 @@ from tests.factories import TEXT
 EXTRA = "A café in Zürich sells crème brûlée for 4 € ☕. Paris is the capital of France."
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tiny_folder, tmp_path_factory) -> Path:
-    corpus = tmp_path_factory.mktemp("browser-corpus") / "corpus.txt"
+def _tiny_run(family: str, tiny_folder, tmp_path_factory) -> Path:
+    corpus = tmp_path_factory.mktemp(f"browser-corpus-{family}") / "corpus.txt"
     corpus.write_text((TEXT + "\n" + EXTRA + "\n") * 3, encoding="utf-8")
     config = RunConfig(
-        model=str(tiny_folder("gpt2")), corpus=str(corpus), k=4, keys_per_layer=8, examples=4, positions=16,
+        model=str(tiny_folder(family)), corpus=str(corpus), k=4, keys_per_layer=8, examples=4, positions=16,
         max_tokens=2000,
     )  # fmt: skip
-    return run_study(config, tmp_path_factory.mktemp("browser-run") / "run", progress=False)
+    # Both run folders are named "run": browsing them side by side labels them "run" and "run-2".
+    return run_study(config, tmp_path_factory.mktemp(f"browser-run-{family}") / "run", progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_folder, tmp_path_factory) -> Path:
+    return _tiny_run("gpt2", tiny_folder, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_run_b(tiny_folder, tmp_path_factory) -> Path:
+    """A second run, of another family (Llama); same sizes (3 layers x 64 keys) as ``tiny_run``."""
+    return _tiny_run("llama", tiny_folder, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def comparison(tiny_run, tiny_run_b, tmp_path_factory) -> Path:
+    """``ffkv_lens.compare`` of ``tiny_run`` and ``tiny_run_b``; the second run's path is then made relative."""
+    out = tmp_path_factory.mktemp("browser-compare") / "cmp"
+    compare([tiny_run, tiny_run_b], out, positions=150, documents=20, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["runs"][1]["path"] = os.path.relpath(manifest["runs"][1]["path"], out)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+@pytest.fixture(scope="session")
+def labels(comparison) -> tuple[str, str]:
+    """The comparison's labels of ``tiny_run`` and ``tiny_run_b``, from its manifest."""
+    first, second = (entry["label"] for entry in json.loads((comparison / "manifest.json").read_text())["runs"])
+    return first, second
 
 
 @pytest.fixture(scope="session")
@@ -38,13 +70,23 @@ def tiny_atlas(tiny_run):
     return TriggerAtlas.load(tiny_run / "atlas")
 
 
-@pytest.fixture()
-def server(tiny_index) -> Iterator[BrowserServer]:
-    """The browser server on a free port, serving in a thread."""
-    srv = BrowserServer(tiny_index, port=0)
+def _serve(source) -> Iterator[BrowserServer]:
+    srv = BrowserServer(source, port=0)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     yield srv
     srv.shutdown()
     srv.server_close()
     thread.join(timeout=5)
+
+
+@pytest.fixture()
+def server(tiny_index) -> Iterator[BrowserServer]:
+    """The browser server of ``tiny_run`` on a free port, serving in a thread."""
+    yield from _serve(tiny_index)
+
+
+@pytest.fixture()
+def compare_server(comparison) -> Iterator[BrowserServer]:
+    """The browser server of ``comparison`` (both runs and their matches) on a free port."""
+    yield from _serve(open_catalog([comparison]))

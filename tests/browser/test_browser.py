@@ -51,6 +51,16 @@ def browser() -> Iterator[object]:
 @pytest.fixture()
 def page(browser, server) -> Iterator[tuple[object, list[str]]]:
     """A fresh page and the console errors, page errors and dialogs it produced."""
+    yield from _watched_tab(browser)
+
+
+@pytest.fixture()
+def compare_page(browser, compare_server) -> Iterator[tuple[object, list[str]]]:
+    """A fresh page (and its problems) for the server of the two-run comparison."""
+    yield from _watched_tab(browser)
+
+
+def _watched_tab(browser) -> Iterator[tuple[object, list[str]]]:
     tab = browser.new_page(viewport={"width": 1400, "height": 1000})
     problems: list[str] = []
     tab.on("console", lambda msg: problems.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None)
@@ -97,6 +107,8 @@ def test_memory_shows_the_atlas_examples_and_steps_keys(page, server, tiny_atlas
     assert tab.evaluate("location.hash") == f"#layer={layer}&key={key + 1}"
     tab.click("#layer-up")
     _title(tab, tiny_atlas.layers[2], key + 1)
+    expect(tab.locator("#run")).to_be_hidden()  # one run: no run selector, no matches panel
+    expect(tab.locator("#matches-box")).to_be_hidden()
     assert problems == []
 
 
@@ -158,6 +170,71 @@ def test_api_error_is_shown_not_thrown(page, server) -> None:
     expect(tab.locator("#error")).to_contain_text("key=999999 is out of range")
     # The failed fetch is logged by the browser as a 400 resource error; nothing else may fail.
     assert all("status of 400" in p for p in problems), problems
+
+
+_MATCHES_JS = """rows => rows.map(r => {
+    const a = r.querySelector('a.match-link');
+    return {run: r.querySelector('.match-run').textContent, link: [a.dataset.run, Number(a.dataset.layer),
+            Number(a.dataset.key)], kind: r.querySelector('.match-kind').textContent,
+            rank: Number(r.children[3].textContent), score: r.querySelector('.match-score').textContent,
+            q: r.querySelector('.match-q').textContent, significant: r.querySelector('.match-sig').textContent,
+            tokens: [...r.querySelectorAll('.tok')].map(t => t.textContent)};
+})"""
+
+
+def _expect_matches(tab, found: list[dict]) -> None:
+    """The matches panel shows the API's matches, in order."""
+    rows = tab.locator("#matches tr.match")
+    expect(rows).to_have_count(len(found))
+    for got, m in zip(rows.evaluate_all(_MATCHES_JS), found, strict=True):
+        assert (got["run"], got["link"], got["kind"], got["rank"]) == (m["run"], [m["run"], m["layer"], m["key"]],
+                                                                       m["kind"], m["rank"])  # fmt: skip
+        assert abs(float(got["score"]) - m["score"]) <= COEF_TOL
+        assert got["q"] == "–" if m["q_value"] is None else abs(float(got["q"]) - m["q_value"]) <= COEF_TOL
+        assert got["significant"] == {True: "yes", False: "no", None: "–"}[m["significant"]]
+        assert got["tokens"] == [_visible(t) for t in m["tokens"]]
+
+
+def test_matches_panel_opens_the_matched_memory_in_the_other_run(
+    compare_page, compare_server, labels, tiny_atlas
+) -> None:
+    tab, problems = compare_page
+    catalog, (a, b) = compare_server.catalog, labels
+    # A memory with a significant match where there is one (tests/browser/comparison.py makes some).
+    memories = [(layer, key) for layer in tiny_atlas.layers[1:] for key in range(tiny_atlas.d_mlp)]
+    layer, key = next(
+        (m for m in memories if any(x["significant"] for x in catalog.matches(a, *m)["matches"])), memories[0]
+    )
+    tab.goto(f"{compare_server.url}#layer={layer}&key={key}")
+    _title(tab, layer, key)
+    expect(tab.locator("#run")).to_have_value(a)
+    expect(tab.locator("#matches-box h2")).to_have_text("Matches in other models")
+    found = catalog.matches(a, layer, key)["matches"]
+    assert found and {m["run"] for m in found} == {b}
+    _expect_matches(tab, found)
+    target = found[-1]
+    link = f'#matches a.match-link[data-layer="{target["layer"]}"][data-key="{target["key"]}"]'
+    tab.locator(link).first.click()
+    _title(tab, target["layer"], target["key"])
+    expect(tab.locator("#run")).to_have_value(b)
+    assert tab.evaluate("location.hash") == f"#run={b}&layer={target['layer']}&key={target['key']}"
+    expect(tab.locator("#run-info")).to_contain_text(catalog.info[b]["model"])
+    with BrowserIndex(catalog.runs[b].index) as index:
+        memory = index.memory(target["layer"], target["key"])
+    expect(tab.locator("#examples-top tr.example")).to_have_count(len(memory["examples"]["top"]))
+    chips = tab.locator("#value-top .tok").evaluate_all("bs => bs.map(b => b.firstChild.textContent)")
+    assert chips == [_visible(t["token"]) for t in memory["values"]["top"]], "not the other run's memory"
+    back = catalog.matches(b, target["layer"], target["key"])["matches"]
+    _expect_matches(tab, back)
+    tab.locator("#matches a.match-link").first.click()  # into the default run: no run in the fragment
+    _title(tab, back[0]["layer"], back[0]["key"])
+    assert tab.evaluate("location.hash") == f"#layer={back[0]['layer']}&key={back[0]['key']}"
+    expect(tab.locator("#run-info")).to_contain_text(catalog.info[a]["model"])
+    tab.select_option("#run", b)  # the selector keeps the layer and key
+    _title(tab, back[0]["layer"], back[0]["key"])
+    assert tab.evaluate("location.hash") == f"#run={b}&layer={back[0]['layer']}&key={back[0]['key']}"
+    expect(tab.locator("#run-info")).to_contain_text(catalog.info[b]["model"])
+    assert problems == []
 
 
 def check_report(browser, path) -> dict:
