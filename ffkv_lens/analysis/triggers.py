@@ -23,13 +23,18 @@ from torch import Tensor
 
 from ffkv_lens.analysis.atlas import LayerTopK, TriggerAtlas, UnitStore, tokenizer_fingerprint
 from ffkv_lens.errors import ConfigError
-from ffkv_lens.kernels import TopKState, merge_states, update_topk, update_topk_signed
+from ffkv_lens.kernels import TopKState, merge_states, merge_topk, update_topk, update_topk_signed
+from ffkv_lens.kernels.topk import batch_candidates
 
 __all__ = ["SearchConfig", "TriggerSearch", "search_triggers"]
 
 log = logging.getLogger(__name__)
 UnitKind = Literal["sentence", "document", "window"]
 _UNITS = ("sentence", "document", "window")
+# On the CPU, a layer's candidates are merged into its state once this many units are pending: a
+# merge costs about the same for 8 or 64 units (sorting k + batch entries per key), so grouping
+# divides its cost while states fill (docs/performance.md). Gating still uses the current state.
+MERGE_UNITS = 64
 
 
 @dataclass(frozen=True)
@@ -95,8 +100,8 @@ class TriggerSearch:
         dev = adapter.device
         # Compare in float64 for float64 models, else float32 (bf16/fp16 coefficients are upcast).
         self.dtype = torch.float64 if adapter.keys(self.layers[0]).dtype == torch.float64 else torch.float32
-        self.top = {layer: TopKState.empty(adapter.d_mlp, config.k, dev, self.dtype) for layer in self.layers}
-        self.bottom = (
+        self._top = {layer: TopKState.empty(adapter.d_mlp, config.k, dev, self.dtype) for layer in self.layers}
+        self._bottom = (
             {layer: TopKState.empty(adapter.d_mlp, config.k, dev, self.dtype) for layer in self.layers}
             if config.signed
             else None
@@ -110,6 +115,33 @@ class TriggerSearch:
         self._stop = adapter.hook_names(self.layers[-1]).coefficients
         self._has_bos: bool | None = None
         self._world: dict[str, Any] = {"world_size": 1, "backend": None}
+        # CPU only: each layer's candidates (values, positions, unit ids) per sign, merged in groups.
+        self._pending: dict[tuple[int, int], list[tuple[Tensor, Tensor, Tensor]]] = {}
+
+    @property
+    def top(self) -> dict[int, TopKState]:
+        """Each layer's top-k state (pending candidates merged first)."""
+        self.flush()
+        return self._top
+
+    @property
+    def bottom(self) -> dict[int, TopKState] | None:
+        """Each layer's bottom-k state (negated values), or None when the search is not signed."""
+        self.flush()
+        return self._bottom
+
+    def flush(self) -> None:
+        """Merge every layer's pending candidates into its states (exact: see ``batch_candidates``)."""
+        for layer, sign in list(self._pending):
+            self._flush(layer, sign)
+
+    def _flush(self, layer: int, sign: int) -> None:
+        parts = self._pending.pop((layer, sign), [])
+        if not parts:
+            return
+        tables = self._top if sign == 1 else self._bottom
+        values, positions, units = (torch.cat(column) for column in zip(*parts, strict=True))
+        tables[layer] = merge_topk(tables[layer], values, positions, units)
 
     # -- the hot loop ----------------------------------------------------------------------
     def update(self, batch: Any) -> None:
@@ -148,12 +180,19 @@ class TriggerSearch:
         self.progress.batches += 1
 
     def _reduce(self, layer: int, m: Tensor, valid: Tensor, unit_ids: Tensor) -> None:
-        if self.bottom is None:
-            self.top[layer] = update_topk(self.top[layer], m, valid, unit_ids)
+        top, bottom = self._top, self._bottom
+        if m.device.type == "cpu":  # merges grouped: the merge, not the maxima, dominates a filling state
+            found = batch_candidates(top[layer], m, valid, unit_ids, None if bottom is None else bottom[layer])
+            for sign, candidates in ((1, found[0]), (-1, found[1])):
+                if candidates is not None:
+                    pending = self._pending.setdefault((layer, sign), [])
+                    pending.append((*candidates, unit_ids))
+                    if sum(part[2].numel() for part in pending) >= MERGE_UNITS:
+                        self._flush(layer, sign)
+        elif bottom is None:
+            top[layer] = update_topk(top[layer], m, valid, unit_ids)
         else:  # one pass for both signs
-            self.top[layer], self.bottom[layer] = update_topk_signed(
-                self.top[layer], self.bottom[layer], m, valid, unit_ids
-            )
+            top[layer], bottom[layer] = update_topk_signed(top[layer], bottom[layer], m, valid, unit_ids)
 
     def prune_units(self) -> None:
         """Forget the tokens of units no longer referenced by any top-k table."""

@@ -45,6 +45,7 @@ from ffkv_lens.errors import ConfigError
 __all__ = [
     "TopKState",
     "UnitPeaks",
+    "batch_candidates",
     "merge_states",
     "merge_topk",
     "reduce_units",
@@ -503,13 +504,26 @@ def _merge_gated(
     ``-extreme``). A pair that does not reach the row's k-th value can never enter, so its position
     is not looked up; for the others it is the first position of the unit's run holding the extreme.
     """
+    found = gated_candidates(state, m, valid, spans, extreme, unit_ids, sign)
+    return state if found is None else merge_topk(state, found[0], found[1], unit_ids)
+
+
+def gated_candidates(
+    state: TopKState, m: Tensor, valid: Tensor, spans: Spans, extreme: Tensor, unit_ids: Tensor, sign: int
+) -> tuple[Tensor, Tensor] | None:
+    """The candidates of :func:`_merge_gated` without the merge: ``(values, positions)`` or None.
+
+    Pairs that do not reach the row's k-th value get ``-inf`` (they can never enter, now or after
+    later merges, which only raise the k-th value), so the candidates of several batches may be
+    concatenated and merged at once with :func:`merge_topk`: the result is the same top-k.
+    """
     _check_unit_ids_nonnegative(unit_ids)
     cand = (extreme if sign > 0 else extreme.neg()).to(state.values.dtype)
     reach = torch.ge(cand, state.values[:, -1])
     if not bool(reach.any()):  # the warm fast path
-        return state
+        return None
     if int(reach.sum()) * 8 > reach.numel():  # a cold state: most pairs reach, whole-tensor positions are cheaper
-        return merge_topk(state, cand, _all_first_positions(m, valid, spans, extreme, sign), unit_ids)
+        return cand, _all_first_positions(m, valid, spans, extreme, sign)
     units, keys = reach.nonzero().unbind(dim=1)
     columns = m[units, :, keys]  # [pairs, pos]: each reaching pair's coefficients
     grid = torch.arange(m.shape[1], device=m.device)
@@ -517,7 +531,38 @@ def _merge_gated(
     hit = (columns == extreme[units, keys, None]) & inside
     positions = torch.full(cand.shape, EMPTY_UNIT, dtype=torch.int64, device=m.device)
     positions[units, keys] = hit.to(torch.uint8).argmax(dim=1)  # argmax returns the first maximum
-    return merge_topk(state, cand, positions, unit_ids)
+    return cand.masked_fill(~reach, float("-inf")), positions
+
+
+def batch_candidates(
+    state: TopKState, m: Tensor, valid: Tensor, unit_ids: Tensor, bottom: TopKState | None = None
+) -> tuple[tuple[Tensor, Tensor] | None, tuple[Tensor, Tensor] | None]:
+    """Candidates of one batch for ``state`` (and for ``bottom``, ranking ``-m``), to merge later.
+
+    ``merge_topk(state, *top_candidates, unit_ids)`` then equals ``update_topk(state, m, valid,
+    unit_ids)``; the candidates of several batches (against the same or an older state) can be
+    concatenated along the batch and merged at once, which is cheaper on the CPU than a merge
+    per batch while the states are still filling.
+
+    Returns:
+        ``(top, bottom)``: each ``(values [batch, d_mlp], positions [batch, d_mlp])`` or None when
+        no pair can enter (``bottom`` is None when not asked).
+    """
+    check_update_args(state, m, valid, unit_ids)
+    if bottom is not None:
+        check_update_args(bottom, m, valid, unit_ids)
+    if m.shape[0] == 0:
+        return None, None
+    m = m.to(compare_dtype(m.dtype, state.values.dtype))
+    spans = _spans(valid)
+    if spans is None:
+        _check_unit_ids_nonnegative(unit_ids)
+        high = reduce_units(m, valid)
+        low = None if bottom is None else reduce_units(m.neg(), valid)
+        return (high.values, high.positions), None if low is None else (low.values, low.positions)
+    low, high = _span_extremes(m, spans, lowest=bottom is not None)
+    top = gated_candidates(state, m, valid, spans, high, unit_ids, sign=1)
+    return top, None if bottom is None else gated_candidates(bottom, m, valid, spans, low, unit_ids, sign=-1)
 
 
 def merge_states(a: TopKState, b: TopKState) -> TopKState:

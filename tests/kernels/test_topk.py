@@ -222,6 +222,35 @@ def test_signed_update_equals_top_of_m_and_of_minus_m(name: str) -> None:
     assert state_mismatch(bottom, oracle(negated, d, k, dtype)) == ""
 
 
+@pytest.mark.parametrize("group", [1, 3, 64])
+@pytest.mark.parametrize("name", [*RUN_CASES, "d7-k5-float32-ties", "d100-k1-float64-ties"])
+def test_grouped_candidates_equal_the_oracle(name: str, group: int) -> None:
+    """batch_candidates gated by a stale state, merged every ``group`` batches: top and bottom exact."""
+    case = RUN_CASES.get(name) or CASES[name]
+    stream, dtype = _run_stream_of(case) if name in RUN_CASES else _stream_of(case)
+    d, k = case["d_mlp"], case["k"]
+    states = {1: TopKState.empty(d, k, dtype=dtype), -1: TopKState.empty(d, k, dtype=dtype)}
+    pending: dict[int, list] = {1: [], -1: []}
+
+    def flush(sign: int) -> None:
+        if pending[sign]:
+            values, positions, units = (torch.cat(c) for c in zip(*pending[sign], strict=True))
+            states[sign] = ref.merge_topk(states[sign], values, positions, units)
+            pending[sign] = []
+
+    for i, (m, valid, unit_ids) in enumerate(stream):
+        found = ref.batch_candidates(states[1], m, valid, unit_ids, states[-1])
+        for sign, candidates in zip((1, -1), found, strict=True):
+            if candidates is not None:
+                pending[sign].append((*candidates, unit_ids))
+        if (i + 1) % group == 0:
+            flush(1), flush(-1)
+    flush(1), flush(-1)
+    negated = [Batch(-b.m, b.valid, b.unit_ids) for b in stream]
+    assert state_mismatch(states[1], oracle(stream, d, k, dtype)) == ""
+    assert state_mismatch(states[-1], oracle(negated, d, k, dtype)) == ""
+
+
 @pytest.mark.parametrize("name", ["d7-k5-float32-ties", "d100-k5-float64-distinct"])
 def test_reference_is_independent_of_batching(name: str) -> None:
     case = CASES[name]
