@@ -148,7 +148,7 @@ class _Run:
         self.save()
 
     def _fresh_manifest(self) -> dict[str, Any]:
-        from ffkv_lens.analysis.triggers import _versions
+        from ffkv_lens.analysis.triggers import library_versions
 
         return {
             "format": "ffkv_lens.run/1",
@@ -156,7 +156,7 @@ class _Run:
             "config": asdict(self.config),
             "identity": self.config.results_identity(),
             "steps": {},
-            "versions": _versions(),
+            "versions": library_versions(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
 

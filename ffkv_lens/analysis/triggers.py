@@ -272,7 +272,7 @@ class TriggerSearch:
                 "tokens": self.progress.tokens,
                 "batches": self.progress.batches,
             },
-            "versions": _versions(),
+            "versions": library_versions(),
             "distributed": self._world,
         }
 
@@ -326,7 +326,8 @@ def _one_cpu_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
+    """Versions of the packages that change results (recorded in every manifest)."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}

@@ -20,7 +20,6 @@ Example:
 """
 
 import hashlib
-import json
 import logging
 import os
 import sqlite3
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ffkv_lens.browser.index import INDEX_NAME, build_atomically, stored_fingerprint
+from ffkv_lens.browser.queries import ReadOnlyIndex
 from ffkv_lens.errors import RunFolderError
 from ffkv_lens.storage import read_json
 
@@ -196,7 +196,7 @@ def _rows(chunk: Any, table: Path, ids: dict[str, int]) -> list[tuple[Any, ...]]
     return list(frame.itertuples(index=False, name=None))
 
 
-class MatchIndex:
+class MatchIndex(ReadOnlyIndex):
     """Read-only queries over one matches index.
 
     Args:
@@ -204,27 +204,8 @@ class MatchIndex:
     """
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        try:
-            self.conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
-            self.conn.row_factory = sqlite3.Row
-            self.meta = {row["name"]: json.loads(row["value"]) for row in self.conn.execute("SELECT * FROM meta")}
-        except sqlite3.Error as err:
-            raise RunFolderError(
-                f"{str(self.path)!r} is not a readable matches index ({err}); rebuild it with "
-                "`ffkv-lens browse CMP_DIR --rebuild`."
-            ) from None
+        super().__init__(path, "matches index", "rebuild it with `ffkv-lens browse CMP_DIR --rebuild`")
         self.labels: list[str] = self.meta["runs"]
-
-    def __enter__(self) -> "MatchIndex":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close the connection."""
-        self.conn.close()
 
     def matches(self, run: str, layer: int, key: int) -> list[dict[str, Any]]:
         """Matches of memory (layer, key) of ``run`` in the other runs: value matches first, then by rank.

@@ -61,27 +61,28 @@ _TEXT = """WITH hits AS (SELECT rowid AS context FROM context_fts WHERE context_
     ORDER BY g.n_matches DESC, g.best_rank, g.memory, g.sign DESC"""
 
 
-class BrowserIndex:
-    """Read-only queries over one index file.
+class ReadOnlyIndex:
+    """A SQLite index opened read-only, with its ``meta`` table read (a context manager).
 
     Args:
-        path: A built index (see :func:`ffkv_lens.browser.open_index`).
+        path: The index file.
+        what: What it is, for the error message (e.g. ``"browser index"``).
+        fix: How to make a readable one, for the error message.
+
+    Raises:
+        RunFolderError: The file is missing or not a readable index.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, what: str, fix: str) -> None:
         self.path = Path(path)
         try:
             self.conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
             self.conn.row_factory = sqlite3.Row
             self.meta = {row["name"]: json.loads(row["value"]) for row in self.conn.execute("SELECT * FROM meta")}
         except sqlite3.Error as err:
-            raise RunFolderError(
-                f"{str(self.path)!r} is not a readable browser index ({err}); build it with `ffkv-lens browse RUN_DIR`."
-            ) from None
-        self.layers: list[int] = self.meta["layers"]
-        self.d_mlp: int = self.meta["d_mlp"]
+            raise RunFolderError(f"{str(self.path)!r} is not a readable {what} ({err}); {fix}.") from None
 
-    def __enter__(self) -> "BrowserIndex":
+    def __enter__(self) -> "ReadOnlyIndex":
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -90,6 +91,19 @@ class BrowserIndex:
     def close(self) -> None:
         """Close the connection."""
         self.conn.close()
+
+
+class BrowserIndex(ReadOnlyIndex):
+    """Read-only queries over one index file.
+
+    Args:
+        path: A built index (see :func:`ffkv_lens.browser.open_index`).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(path, "browser index", "build it with `ffkv-lens browse RUN_DIR`")
+        self.layers: list[int] = self.meta["layers"]
+        self.d_mlp: int = self.meta["d_mlp"]
 
     def info(self) -> dict[str, Any]:
         """What the index covers: model, layers, d_mlp, k, counts, which run outputs were found."""

@@ -30,11 +30,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ffkv_lens.analysis.triggers import library_versions
 from ffkv_lens.comparison.curves import CURVES, plot_overlay, tidy_curves
 from ffkv_lens.comparison.matching import MatchResult, flat_to_memory
 from ffkv_lens.errors import ConfigError, RunFolderError
+from ffkv_lens.pipeline import write_table
 from ffkv_lens.report.memories import RunFolder
-from ffkv_lens.storage import atomic_write_bytes, atomic_write_json, read_json
+from ffkv_lens.storage import atomic_write_json, read_json
 
 __all__ = ["COMPARE_FORMAT", "MATCH_COLUMNS", "Comparison", "compare"]
 
@@ -178,7 +180,7 @@ def compare(
     note = "runs on different corpora" if differ else None
     started = time.perf_counter()
     curves = tidy_curves(runs)
-    _write_csv(out / "tables" / "curves.csv", curves)
+    write_table(curves, out / "tables" / "curves")
     for curve in CURVES:
         fig = plot_overlay(curves, curve, note=note, out=out / "figures" / f"curve_{curve.name}")
         if fig is not None:
@@ -201,12 +203,12 @@ def compare(
         },  # fmt: skip
         "pairs": [],
         "timings": {"curves_s": round(time.perf_counter() - started, 2)},
-        "versions": _versions(),
+        "versions": library_versions(),
     }
     if match:
         rows, calibration = _match_all(runs, manifest, out, device, progress, say)
-        _write_csv(out / "tables" / "matches.csv", pd.DataFrame(rows, columns=MATCH_COLUMNS))
-        _write_csv(out / "tables" / "calibration.csv", pd.DataFrame(calibration))
+        write_table(pd.DataFrame(rows, columns=MATCH_COLUMNS), out / "tables" / "matches")
+        write_table(pd.DataFrame(calibration), out / "tables" / "calibration")
     atomic_write_json(out / "manifest.json", manifest)
     from ffkv_lens.comparison.html import write_comparison_report
 
@@ -225,24 +227,6 @@ def _describe_run(label: str, run: RunFolder) -> dict[str, Any]:
         "corpus": run.manifest["config"].get("corpus"),
         "corpus_fingerprint": (run.manifest.get("corpus") or {}).get("fingerprint"),
     }
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for name in ("ffkv-lens", "torch", "transformer-lens", "transformers"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
-def _write_csv(path: Path, frame: pd.DataFrame) -> None:
-    import csv
-
-    atomic_write_bytes(path, frame.to_csv(index=False, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\n").encode())
 
 
 def _close(fig: Any) -> None:

@@ -381,16 +381,8 @@ def update_topk(
     Raises:
         ConfigError: Mismatched shapes, dtypes or devices, or a negative unit id.
     """
-    check_update_args(state, m, valid, unit_ids)
-    if m.shape[0] == 0:
-        return state
-    m = m.to(compare_dtype(m.dtype, state.values.dtype))
-    spans = _spans(valid)
-    if spans is None:
-        peaks = reduce_units(m, valid)
-        return merge_topk(state, peaks.values, peaks.positions, unit_ids)
-    _, high = _span_extremes(m, spans, lowest=False)
-    return _merge_gated(state, m, valid, spans, high, unit_ids, sign=1)
+    top, _ = batch_candidates(state, m, valid, unit_ids)
+    return state if top is None else merge_topk(state, top[0], top[1], unit_ids)
 
 
 def update_topk_signed(
@@ -418,17 +410,9 @@ def update_topk_signed(
     Raises:
         ConfigError: Mismatched shapes, dtypes or devices, or a negative unit id.
     """
-    check_update_args(top, m, valid, unit_ids)
-    check_update_args(bottom, m, valid, unit_ids)
-    if m.shape[0] == 0:
-        return top, bottom
-    m = m.to(compare_dtype(m.dtype, top.values.dtype))
-    spans = _spans(valid)
-    if spans is None:
-        return update_topk(top, m, valid, unit_ids), update_topk(bottom, m.neg(), valid, unit_ids)
-    low, high = _span_extremes(m, spans, lowest=True)
-    top = _merge_gated(top, m, valid, spans, high, unit_ids, sign=1)
-    return top, _merge_gated(bottom, m, valid, spans, low, unit_ids, sign=-1)
+    high, low = batch_candidates(top, m, valid, unit_ids, bottom)
+    top = top if high is None else merge_topk(top, high[0], high[1], unit_ids)
+    return top, bottom if low is None else merge_topk(bottom, low[0], low[1], unit_ids)
 
 
 class Spans(NamedTuple):
@@ -495,25 +479,15 @@ def _all_first_positions(m: Tensor, valid: Tensor, spans: Spans, extreme: Tensor
     return (run - score).to(torch.int64) + start
 
 
-def _merge_gated(
-    state: TopKState, m: Tensor, valid: Tensor, spans: Spans, extreme: Tensor, unit_ids: Tensor, sign: int
-) -> TopKState:
-    """Merge each unit's extreme coefficient per key, looking up peak positions only where needed.
-
-    ``extreme`` is the maximum (``sign=1``) or minimum (``sign=-1``, the state then ranks
-    ``-extreme``). A pair that does not reach the row's k-th value can never enter, so its position
-    is not looked up; for the others it is the first position of the unit's run holding the extreme.
-    """
-    found = gated_candidates(state, m, valid, spans, extreme, unit_ids, sign)
-    return state if found is None else merge_topk(state, found[0], found[1], unit_ids)
-
-
 def gated_candidates(
     state: TopKState, m: Tensor, valid: Tensor, spans: Spans, extreme: Tensor, unit_ids: Tensor, sign: int
 ) -> tuple[Tensor, Tensor] | None:
-    """The candidates of :func:`_merge_gated` without the merge: ``(values, positions)`` or None.
+    """Each unit's extreme coefficient per key, with its peak position only where it can enter.
 
-    Pairs that do not reach the row's k-th value get ``-inf`` (they can never enter, now or after
+    ``extreme`` is the maximum (``sign=1``) or minimum (``sign=-1``, the state then ranks
+    ``-extreme``). Returns ``(values, positions)``, or None when no pair reaches a row's k-th value.
+    Positions are looked up only for pairs that reach it (the first position of the unit's run
+    holding the extreme); pairs that do not reach the row's k-th value get ``-inf`` (they can never enter, now or after
     later merges, which only raise the k-th value), so the candidates of several batches may be
     concatenated and merged at once with :func:`merge_topk`: the result is the same top-k.
     """
