@@ -23,8 +23,14 @@ from torch import Tensor
 
 from ffkv_lens.analysis.atlas import LayerTopK, TriggerAtlas, UnitStore, tokenizer_fingerprint
 from ffkv_lens.errors import ConfigError
-from ffkv_lens.kernels import TopKState, merge_states, merge_topk, update_topk, update_topk_signed
-from ffkv_lens.kernels.topk import batch_candidates
+from ffkv_lens.kernels import (
+    TopKState,
+    batch_candidates,
+    merge_states,
+    merge_topk,
+    update_topk,
+    update_topk_signed,
+)
 
 __all__ = ["SearchConfig", "TriggerSearch", "search_triggers"]
 
@@ -35,6 +41,9 @@ _UNITS = ("sentence", "document", "window")
 # merge costs about the same for 8 or 64 units (sorting k + batch entries per key), so grouping
 # divides its cost while states fill (docs/performance.md). Gating still uses the current state.
 MERGE_UNITS = 64
+# Units are sorted by length in groups of this many before batching, so that a batch of sentences
+# computes little padding (docs/performance.md); the result does not depend on it (ties go by unit id).
+SORT_WINDOW = 1024
 
 
 @dataclass(frozen=True)
@@ -94,8 +103,12 @@ class TriggerSearch:
         corpus_info: The corpus description recorded in the manifest (with its fingerprint).
     """
 
-    def __init__(self, adapter: Any, config: SearchConfig, corpus_info: dict[str, Any]) -> None:
+    def __init__(
+        self, adapter: Any, config: SearchConfig, corpus_info: dict[str, Any], batching: dict[str, Any] | None = None
+    ) -> None:
         self.adapter, self.config, self.corpus_info = adapter, config, corpus_info
+        # How the stream is cut into batches: a checkpoint counts batches, so resuming needs the same cut.
+        self.batching = batching
         self.layers = adapter.check_layers(None if config.layers is None else list(config.layers))
         dev = adapter.device
         # Compare in float64 for float64 models, else float32 (bf16/fp16 coefficients are upcast).
@@ -181,7 +194,7 @@ class TriggerSearch:
 
     def _reduce(self, layer: int, m: Tensor, valid: Tensor, unit_ids: Tensor) -> None:
         top, bottom = self._top, self._bottom
-        if m.device.type == "cpu":  # merges grouped: the merge, not the maxima, dominates a filling state
+        if m.device.type == "cpu":  # merges grouped: a merge, not the maxima, dominates a filling state
             found = batch_candidates(top[layer], m, valid, unit_ids, None if bottom is None else bottom[layer])
             for sign, candidates in ((1, found[0]), (-1, found[1])):
                 if candidates is not None:
@@ -287,6 +300,7 @@ class TriggerSearch:
             "model": adapter.model_name,
             "model_layout": {"n_layers": adapter.n_layers, "d_mlp": adapter.d_mlp, "d_vocab": adapter.d_vocab},
             "tokenizer_fingerprint": tokenizer_fingerprint(adapter.tokenizer),
+            "batching": self.batching,
         }
 
     def save_checkpoint(self, folder: str | Path) -> None:
@@ -340,7 +354,11 @@ def library_versions() -> dict[str, str]:
 
 
 def _batches(corpus: Any, adapter: Any, config: SearchConfig, batch_tokens: int) -> Iterator[Any]:
-    """The batches of the whole search, always cut the same way (sharding and resuming index them)."""
+    """The batches of the whole search, always cut the same way (sharding and resuming index them).
+
+    Units are sorted by length within groups of :data:`SORT_WINDOW` (deterministic), so that
+    sentences of similar length share a batch.
+    """
     from ffkv_lens.corpus import iter_batches, iter_units
 
     units = iter_units(
@@ -349,7 +367,9 @@ def _batches(corpus: Any, adapter: Any, config: SearchConfig, batch_tokens: int)
     tok = adapter.tokenizer
     bos = adapter.bos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    yield from iter_batches(units, batch_tokens=batch_tokens, bos_token_id=bos, pad_token_id=pad)
+    yield from iter_batches(
+        units, batch_tokens=batch_tokens, bos_token_id=bos, pad_token_id=pad, sort_window=SORT_WINDOW
+    )
 
 
 def rank_checkpoint_dir(checkpoint_dir: str | Path, here: Any) -> Path:
@@ -399,7 +419,8 @@ def search_triggers(
     chosen = adapter.check_layers(layers)
     config = SearchConfig(k, unit, max_len, tuple(chosen), signed, exclude_bos, max_tokens)
     here = world()
-    search = TriggerSearch(adapter, config, corpus.describe())
+    batching = {"batch_tokens": batch_tokens, "sort_window": SORT_WINDOW}
+    search = TriggerSearch(adapter, config, corpus.describe(), batching)
     folder = None if checkpoint_dir is None else rank_checkpoint_dir(checkpoint_dir, here)
     if folder is not None and search.load_checkpoint(folder):
         log.info("resuming from %s after %d batches", folder, search.progress.batches)

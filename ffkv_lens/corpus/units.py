@@ -317,9 +317,20 @@ def iter_units(
     return UnitStream(corpus, tokenizer, config)
 
 
+def _length_sorted(units: Iterable[Unit], window: int) -> Iterator[Unit]:
+    """The stream, each run of ``window`` units sorted by (token count, unit id)."""
+    group: list[Unit] = []
+    for unit in units:
+        group.append(unit)
+        if len(group) == window:
+            yield from sorted(group, key=lambda u: (u.n_tokens, u.unit_id))
+            group = []
+    yield from sorted(group, key=lambda u: (u.n_tokens, u.unit_id))
+
+
 @dataclasses.dataclass(frozen=True)
 class UnitBatch:
-    """Consecutive units, right-padded into one tensor.
+    """Units, right-padded into one tensor.
 
     Attributes:
         tokens: Token ids, BOS first when ``has_bos``; padding on the right.
@@ -369,12 +380,18 @@ def iter_batches(
     batch_tokens: int | None = None,
     bos_token_id: int | None = None,
     pad_token_id: int = 0,
+    sort_window: int | None = None,
 ) -> Iterator[UnitBatch]:
-    """Group consecutive units into right-padded batches, streaming.
+    """Group units into right-padded batches, streaming.
 
     A batch grows while it has at most ``batch_units`` units and its padded size
     ``B x T`` (``T``: longest unit, BOS included) stays within ``batch_tokens``. A unit
-    that alone exceeds ``batch_tokens`` gets a batch of its own. Order is kept.
+    that alone exceeds ``batch_tokens`` gets a batch of its own. Without ``sort_window``
+    the order is kept. With it, units are read ``sort_window`` at a time and each group
+    is sorted by (token count, unit id) before batching, so that units of similar length
+    share a batch and little padding is computed (sentences vary from a few tokens to
+    ``max_len``); the batches are still the same for the same stream (deterministic), and
+    memory holds one group of units.
 
     Args:
         units: The units (e.g. from :func:`iter_units`).
@@ -382,6 +399,7 @@ def iter_batches(
         batch_tokens: Most padded tokens per batch (``None``: no limit).
         bos_token_id: Prepended to every row when not ``None``.
         pad_token_id: Fills the padding (masked out).
+        sort_window: Units sorted by length per group of this many (``None``: keep the order).
 
     Yields:
         :class:`UnitBatch` objects.
@@ -392,6 +410,9 @@ def iter_batches(
         [[[9, 1, 2, 0], [9, 1, 2, 3]], [[9, 1]]]
     """
     _check_batching(batch_units, batch_tokens)
+    _check_int("sort_window", sort_window, minimum=1, optional=True)
+    if sort_window is not None:
+        units = _length_sorted(units, sort_window)
     extra = 0 if bos_token_id is None else 1
     pending: list[Unit] = []
     width = 0

@@ -1,12 +1,14 @@
 """Fast kernels and their pure-torch twins, picked by device.
 
-Every kernel has a reference in torch (:mod:`ffkv_lens.kernels.topk`) and may have a Triton twin with
-the same signature (:mod:`ffkv_lens.kernels.topk_triton`). The functions here dispatch on the device
-of their tensors: Triton on CUDA when ``triton`` imports, the reference otherwise. The environment
-variable ``FFKV_LENS_KERNELS`` overrides the choice (read at every call):
+Every kernel has a reference in torch (:mod:`ffkv_lens.kernels.topk`) and twins with the same
+signatures: Triton for CUDA (:mod:`ffkv_lens.kernels.topk_triton`) and Numba for the CPU
+(:mod:`ffkv_lens.kernels.topk_numba`). The functions here dispatch on the device of their tensors:
+Triton on CUDA when ``triton`` imports, Numba on the CPU when ``numba`` imports, the reference
+otherwise. The environment variable ``FFKV_LENS_KERNELS`` overrides the choice (read at every call):
 
 - ``auto`` (or unset): the rule above.
 - ``reference``: always the torch reference.
+- ``numba``: Numba on the CPU (CUDA tensors then take the reference).
 - ``triton``: always Triton; on the CPU this works only under ``TRITON_INTERPRET=1`` (set before
   ``triton`` is first imported), which is how the parity tests run without a GPU.
 
@@ -14,7 +16,7 @@ Example:
     >>> import torch
     >>> from ffkv_lens.kernels import TopKState, active_implementation, update_topk
     >>> active_implementation("cpu")
-    'reference'
+    'numba'
     >>> state = TopKState.empty(d_mlp=4, k=3)
     >>> m, valid = torch.randn(2, 5, 4), torch.ones(2, 5, dtype=torch.bool)
     >>> state = update_topk(state, m, valid, unit_ids=torch.tensor([10, 11]))
@@ -43,6 +45,7 @@ __all__ = [
     "TopKState",
     "UnitPeaks",
     "active_implementation",
+    "batch_candidates",
     "merge_states",
     "merge_topk",
     "reduce_units",
@@ -53,10 +56,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 KERNELS_ENV = "FFKV_LENS_KERNELS"
-"""Environment variable forcing an implementation: ``auto``, ``reference`` or ``triton``."""
+"""Environment variable forcing an implementation: ``auto``, ``reference``, ``numba`` or ``triton``."""
 
-Implementation = Literal["reference", "triton"]
-_Choice = Literal["auto", "reference", "triton"]
+Implementation = Literal["reference", "numba", "triton"]
+_Choice = Literal["auto", "reference", "numba", "triton"]
 
 
 def active_implementation(device: torch.device | str) -> Implementation:
@@ -66,10 +69,11 @@ def active_implementation(device: torch.device | str) -> Implementation:
         device: A torch device or its name, e.g. ``"cpu"`` or ``"cuda:0"``.
 
     Returns:
-        ``"triton"`` or ``"reference"``.
+        ``"triton"``, ``"numba"`` or ``"reference"``.
 
     Raises:
-        ConfigError: ``FFKV_LENS_KERNELS`` has an unknown value, or forces Triton where it cannot run.
+        ConfigError: ``FFKV_LENS_KERNELS`` has an unknown value, or forces Triton or Numba where it
+            cannot run.
     """
     device = torch.device(device)
     choice = _env_choice()
@@ -78,8 +82,15 @@ def active_implementation(device: torch.device | str) -> Implementation:
     if choice == "triton":
         _require_triton(device)
         return "triton"
-    if device.type == "cuda" and _triton_backend() is not None:
+    if choice == "numba" and _numba_backend() is None:
+        raise ConfigError(
+            f"{KERNELS_ENV}=numba but numba cannot be imported; install it (pip install numba) "
+            f"or set {KERNELS_ENV}=reference."
+        )
+    if device.type == "cuda" and choice == "auto" and _triton_backend() is not None:
         return "triton"
+    if device.type == "cpu" and _numba_backend() is not None:
+        return "numba"
     return "reference"
 
 
@@ -96,6 +107,21 @@ def merge_topk(
 ) -> TopKState:
     """Merge candidates into the top-k; see :func:`ffkv_lens.kernels.topk.merge_topk`."""
     return _backend(cand_values.device).merge_topk(state, cand_values, cand_positions, unit_ids)
+
+
+def batch_candidates(
+    state: TopKState,
+    m: Float[Tensor, "batch pos d_mlp"],
+    valid: Bool[Tensor, "batch pos"],
+    unit_ids: Int[Tensor, " batch"],
+    bottom: TopKState | None = None,
+) -> tuple[tuple[Tensor, Tensor] | None, tuple[Tensor, Tensor] | None]:
+    """One batch's candidates, to merge later; see :func:`ffkv_lens.kernels.topk.batch_candidates`.
+
+    Triton has no version of its own: on CUDA this is the reference (the search merges every batch there).
+    """
+    backend = _backend(m.device)
+    return getattr(backend, "batch_candidates", _reference.batch_candidates)(state, m, valid, unit_ids, bottom)
 
 
 def update_topk(
@@ -126,7 +152,8 @@ def update_topk_signed(
 
 
 def _backend(device: torch.device) -> ModuleType:
-    backend = _triton_backend() if active_implementation(device) == "triton" else None
+    chosen = active_implementation(device)
+    backend = {"triton": _triton_backend, "numba": _numba_backend}.get(chosen, lambda: None)()
     return backend or _reference
 
 
@@ -160,4 +187,14 @@ def _triton_backend() -> ModuleType | None:
         return importlib.import_module("ffkv_lens.kernels.topk_triton")
     except ImportError as error:
         logger.info("Triton kernels unavailable (%s); using the torch reference.", error)
+        return None
+
+
+@functools.cache
+def _numba_backend() -> ModuleType | None:
+    """The Numba implementation module, or None (logged once) if numba does not import."""
+    try:
+        return importlib.import_module("ffkv_lens.kernels.topk_numba")
+    except ImportError as error:
+        logger.info("Numba kernels unavailable (%s); using the torch reference on the CPU.", error)
         return None

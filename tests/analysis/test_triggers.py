@@ -166,6 +166,9 @@ def test_checkpoint_resume_refuses_other_settings(tiny_bridge, tmp_path) -> None
     search_triggers(lens.adapter, corpus, k=5, checkpoint_dir=tmp_path, progress=False)
     with pytest.raises(CheckpointMismatchError, match="settings"):
         search_triggers(lens.adapter, corpus, k=6, checkpoint_dir=tmp_path, progress=False)
+    # A checkpoint counts batches: another cut of the stream into batches would resume at the wrong unit.
+    with pytest.raises(CheckpointMismatchError, match="batching.*'batch_tokens': 2048.*'batch_tokens': 64"):
+        search_triggers(lens.adapter, corpus, k=5, batch_tokens=64, checkpoint_dir=tmp_path, progress=False)
 
 
 RESUME_SCRIPT = textwrap.dedent(

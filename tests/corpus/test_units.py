@@ -236,6 +236,18 @@ def test_batches_group_consecutive_units(kwargs: dict[str, int], sizes: list[int
         assert all(b.tokens.numel() <= limit or len(b.unit_ids) == 1 for b in batches)
 
 
+def test_sort_window_sorts_each_group_by_length_then_unit() -> None:
+    units = make_units([5, 2, 5, 1, 3, 2, 4])
+    batches = list(iter_batches(units, batch_units=2, sort_window=4, pad_token_id=0))
+    # groups [0..3] and [4..6], each sorted by (length, unit id), then packed in that order
+    assert [b.unit_ids.tolist() for b in batches] == [[3, 1], [0, 2], [5, 4], [6]]
+    assert sum(b.tokens.numel() for b in batches) < sum(
+        b.tokens.numel() for b in iter_batches(units, batch_units=2, pad_token_id=0)
+    )  # less padding than in stream order
+    with pytest.raises(ConfigError, match=r"sort_window=0"):
+        list(iter_batches(units, batch_units=2, sort_window=0))
+
+
 def test_batches_need_a_limit() -> None:
     with pytest.raises(ConfigError, match="batch_units or batch_tokens"):
         list(iter_batches(make_units([1])))
