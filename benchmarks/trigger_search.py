@@ -5,7 +5,9 @@ process, with the three methods interleaved batch by batch and repeated:
 
 (a) forward: the bare forward stopped after the last layer's coefficients (the limit);
 (b) search:  ``TriggerSearch.update`` (hooks reduce in place, threshold-gated top-k);
-(c) naive:   ``run_with_cache`` of every ``hook_post``, then concat + ``torch.topk`` per layer.
+(c) naive:   ``run_with_cache`` of every ``hook_post``, then concat + ``torch.topk`` per layer, keeping
+             each unit's peak position (``max`` with indices) as a trigger example needs; also timed
+             without the positions (``naive_values_only``, a lower bound on the recipe's cost).
 
 Peak RSS of a whole ``search_triggers`` over N and 4N tokens is measured in fresh subprocesses.
 
@@ -45,15 +47,20 @@ def forward_only(lens, batch) -> None:
 
 
 class Naive:
-    """The recipe a TransformerLens user writes today: cache every hook_post, then topk per batch."""
+    """The recipe a TransformerLens user writes today: cache every hook_post, then topk per batch.
 
-    def __init__(self, lens, k: int) -> None:
-        self.lens, self.k = lens, k
+    With ``positions`` (the default, what a trigger example needs) each unit's peak position is kept
+    too (``max`` with indices, gathered along); without, only the values (a lower bound on its cost).
+    Neither breaks ties by unit id.
+    """
+
+    def __init__(self, lens, k: int, positions: bool = True) -> None:
+        self.lens, self.k, self.positions = lens, k, positions
         self.names = [lens.hook_names(layer).coefficients for layer in range(lens.n_layers)]
         d, dev = lens.d_mlp, lens.adapter.device
         self.values = [torch.full((d, k), float("-inf"), device=dev) for _ in self.names]
         self.units = [torch.full((d, k), -1, dtype=torch.long, device=dev) for _ in self.names]
-        self.seen = 0
+        self.peaks = [torch.full((d, k), -1, dtype=torch.long, device=dev) for _ in self.names]
 
     def update(self, batch) -> None:
         model = self.lens.adapter.model
@@ -63,11 +70,18 @@ class Naive:
         mask[:, 0] = False
         ids = batch.unit_ids.to(tokens.device)
         for i, name in enumerate(self.names):
-            m = cache[name].masked_fill(~mask[..., None], float("-inf")).amax(dim=1).T  # [d_mlp, batch]
+            masked = cache[name].masked_fill(~mask[..., None], float("-inf"))
+            if self.positions:
+                m, pos = masked.max(dim=1)
+                m, pos = m.T, pos.T  # [d_mlp, batch]
+            else:
+                m = masked.amax(dim=1).T
             vals = torch.cat([self.values[i], m], dim=1)
             units = torch.cat([self.units[i], ids.expand(m.shape[0], -1)], dim=1)
             top = torch.topk(vals, self.k, dim=1)
             self.values[i], self.units[i] = top.values, units.gather(1, top.indices)
+            if self.positions:
+                self.peaks[i] = torch.cat([self.peaks[i], pos], dim=1).gather(1, top.indices)
 
 
 def interleaved(lens, batches, k: int, reps: int) -> dict:
@@ -75,14 +89,19 @@ def interleaved(lens, batches, k: int, reps: int) -> dict:
 
     device = lens.adapter.device
     tokens = sum(int(b.lengths.sum()) for b in batches)
-    rates = {"forward": [], "search": [], "naive": []}
+    rates = {"forward": [], "search": [], "naive": [], "naive_values_only": []}
     for rep in range(reps):
         search = TriggerSearch(lens.adapter, SearchConfig(k=k, unit="window", max_len=128), {"name": "bench"})
-        naive = Naive(lens, k)
+        naive, values_only = Naive(lens, k), Naive(lens, k, positions=False)
         spent = dict.fromkeys(rates, 0.0)
-        runners = {"forward": lambda b: forward_only(lens, b), "search": search.update, "naive": naive.update}
+        runners = {
+            "forward": lambda b: forward_only(lens, b),
+            "search": search.update,
+            "naive": naive.update,
+            "naive_values_only": values_only.update,
+        }
         for i, batch in enumerate(batches):
-            order = list(runners)[i % 3 :] + list(runners)[: i % 3]  # rotate who goes first
+            order = list(runners)[i % len(runners) :] + list(runners)[: i % len(runners)]  # rotate who goes first
             for name in order:
                 _sync(device)
                 start = time.perf_counter()
@@ -144,7 +163,8 @@ def main(argv=None) -> int:
     # Each repetition interleaves the three methods batch by batch, so its ratios compare them under the
     # same machine conditions; the machine's speed drifts between repetitions (shared host).
     per_rep = {
-        other: [s / o for s, o in zip(rates["search"], rates[other], strict=True)] for other in ("forward", "naive")
+        other: [s / o for s, o in zip(rates["search"], rates[other], strict=True)]
+        for other in ("forward", "naive", "naive_values_only")
     }
     result = {
         "model": args.model,
@@ -160,6 +180,9 @@ def main(argv=None) -> int:
         "tokens_per_s_naive": med["naive"],
         "ratio_vs_forward": statistics.median(per_rep["forward"]),
         "ratio_vs_naive": statistics.median(per_rep["naive"]),
+        "tokens_per_s_naive_values_only": med["naive_values_only"],
+        "ratio_vs_naive_values_only": statistics.median(per_rep["naive_values_only"]),
+        "ratios_per_repetition": per_rep,
         "ratio_definition": "median over repetitions of (search tok/s / other tok/s) within the repetition",
         "ratio_of_medians_vs_forward": med["search"] / med["forward"],
         "ratio_of_medians_vs_naive": med["search"] / med["naive"],
