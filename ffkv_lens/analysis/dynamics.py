@@ -32,16 +32,9 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from ffkv_lens.analysis.sampling import (
-    SampleConfig,
-    SampledStates,
-    prefix_batches,
-    readout_top,
-    record_states,
-    sample_prefixes,
-    value_extremes,
-)
-from ffkv_lens.errors import ConfigError
+from ffkv_lens.analysis.sampling import SampleConfig, SampledStates, prefix_batches, record_states, sample_prefixes
+from ffkv_lens.analysis.vocab import state_tops, value_extremes
+from ffkv_lens.errors import AtlasMismatchError, ConfigError
 from ffkv_lens.lens import MemoryLens
 
 __all__ = [
@@ -303,11 +296,13 @@ def _batch_records(
     """Per-position, per-layer records of one batch (``[batch, layer]`` each)."""
     b, n_layers, d = states.ffn_output.shape
     flat = lambda x: x.reshape(b * n_layers, d)  # noqa: E731
-    targets = states.final_token.cpu()[:, None].expand(b, n_layers).reshape(-1)
-    top_r, prob_r = readout_top(lens, flat(states.resid_before), targets)
-    top_y, _ = readout_top(lens, flat(states.ffn_output))
-    top_o, _ = readout_top(lens, flat(states.resid_after))
-    top_r, top_y, top_o, prob_r = (x.view(b, n_layers) for x in (top_r, top_y, top_o, prob_r))
+    final = states.final_token.cpu()
+    targets = final[:, None].expand(b, n_layers).reshape(-1)
+    tops = state_tops(lens, flat(states.resid_before), flat(states.ffn_output), flat(states.resid_after), targets)
+    top_r, top_y, top_o, prob_r = (x.view(b, n_layers) for x in (tops.top_r, tops.top_y, tops.top_o, tops.prob_r))
+    layers = list(config.layers or ())
+    if lens.n_layers - 1 in layers:  # there top(o) is the final prediction, read once (no rounding apart)
+        top_o[:, layers.index(lens.n_layers - 1)] = final
     m = states.coefficients.cpu()
     active = active_memories(m, config.active, config.active_threshold)
     agrees = torch.stack(
@@ -332,6 +327,7 @@ def layer_dynamics(
     short_prefix: int = DEFAULT_SHORT_PREFIX,
     batch_tokens: int = 4096,
     progress: bool = True,
+    projection: Any = None,
 ) -> DynamicsResult:
     """Composition within each layer and residual vs FFN across layers (paper section 5).
 
@@ -351,6 +347,10 @@ def layer_dynamics(
         short_prefix: Prefixes shorter than this many tokens count as short.
         batch_tokens: Padded tokens per forward pass (speed and memory only).
         progress: Show a progress bar.
+        projection: A :class:`~ffkv_lens.analysis.values.ValueProjection` of this lens covering
+            ``layers`` (``lens.project_values()``): its top and bottom tokens are the memories'
+            predictions, which saves projecting every value again (the same tokens: both order
+            by ``lens.value_logits``, ties to the lower id). Default: projected here.
 
     Returns:
         A :class:`DynamicsResult` with the ``composition`` and ``residual`` tables.
@@ -367,7 +367,7 @@ def layer_dynamics(
     if not drawn.prefixes:
         raise ConfigError(f"The corpus gave no {unit} units to sample prefixes from; pass a non-empty corpus.")
     with lens.adapter.inference():
-        extremes = [value_extremes(lens, layer) for layer in chosen]
+        extremes = _memory_predictions(lens, chosen, projection)
         records = _run(lens, drawn.prefixes, extremes, config, batch_tokens, progress)
     settings = _settings(lens, corpus, config, drawn.units_read, len(drawn.prefixes), batch_tokens)
     comp = composition_table(records, chosen, lens.n_layers, lens.d_mlp, lens.adapter.tokenizer, short_prefix)
@@ -379,6 +379,22 @@ def layer_dynamics(
     seconds = time.perf_counter() - start
     log.info("layer dynamics: %d prefixes x %d layers in %.1f s", len(drawn.prefixes), len(chosen), seconds)
     return DynamicsResult(comp, resid, samples, records, settings, seconds)
+
+
+def _memory_predictions(lens: MemoryLens, layers: list[int], projection: Any) -> list[tuple[Tensor, Tensor]]:
+    """Each analysed layer's value top and bottom tokens, from ``projection`` when given."""
+    if projection is None:
+        return [value_extremes(lens, layer) for layer in layers]
+    got = tuple(projection.settings.get(key) for key in ("d_vocab", "d_mlp", "value_readout_mode"))
+    want = (lens.d_vocab, lens.d_mlp, lens.value_readout_mode)
+    if got != want:
+        raise AtlasMismatchError(
+            f"The projection has (d_vocab, d_mlp, readout) = {got}, the lens {want}; project with this lens."
+        )
+    missing = [layer for layer in layers if layer not in projection.top1]
+    if missing:
+        raise ConfigError(f"The projection lacks layers {missing}; pass project_values(lens, layers={layers}).")
+    return [(projection.top1[layer].long(), projection.bottom1[layer].long()) for layer in layers]
 
 
 def _run(lens: MemoryLens, prefixes: list[Any], extremes: list[Any], config: DynamicsConfig, batch_tokens: int,

@@ -18,8 +18,8 @@ The sample depends only on the corpus, the tokenizer, the seed and the unit sett
 on the batch size. A corpus with fewer than ``positions`` units gives one position per unit.
 
 :func:`prefix_batches` pads the prefixes into batches; :func:`record_states` runs a batch once
-and keeps ``m, y, r, o`` at each row's analysed position only; :func:`readout_top` and
-:func:`value_extremes` project states and values into the vocabulary in bounded chunks.
+and keeps ``m, y, r, o`` at each row's analysed position only. The vocabulary passes
+(``readout_top``, ``value_extremes``, re-exported here) live in :mod:`ffkv_lens.analysis.vocab`.
 """
 
 import hashlib
@@ -33,6 +33,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ffkv_lens.analysis.vocab import readout_top, state_top, value_extremes
 from ffkv_lens.errors import ConfigError, HookNotFiredError
 from ffkv_lens.lens import MemoryLens
 from ffkv_lens.types import AttentionMask, Tokens
@@ -56,8 +57,6 @@ log = logging.getLogger(__name__)
 SAMPLING_SCHEME = "bottom-k-blake2b-v1"
 UnitKind = Literal["sentence", "document", "window"]
 _UNITS = ("sentence", "document", "window")
-# Floats held by one readout chunk (value or state projections into the vocabulary).
-READOUT_BUDGET = 2**25
 
 
 def _check_int(name: str, value: object, minimum: int, optional: bool = False) -> None:
@@ -236,42 +235,15 @@ class SampledStates(NamedTuple):
     final_token: Int[Tensor, " batch"]
 
 
-# -- vocabulary projections -------------------------------------------------------------------
-def value_extremes(lens: MemoryLens, layer: int) -> tuple[Int[Tensor, " d_mlp"], Int[Tensor, " d_mlp"]]:
-    """Each value's top and bottom token under ``lens.value_logits``, chunked over memories."""
-    chunk = max(1, READOUT_BUDGET // lens.d_vocab)
-    tops, bottoms = [], []
-    for start in range(0, lens.d_mlp, chunk):
-        logits = lens.value_logits(layer, memories=torch.arange(start, min(start + chunk, lens.d_mlp)))
-        tops.append(logits.argmax(dim=-1))
-        bottoms.append(logits.argmin(dim=-1))
-    return torch.cat(tops).cpu(), torch.cat(bottoms).cpu()
-
-
-def readout_top(
-    lens: MemoryLens, states: Float[Tensor, "n d_model"], targets: Int[Tensor, " n"] | None = None
-) -> tuple[Int[Tensor, " n"], Float[Tensor, " n"] | None]:
-    """``argmax lens.readout(x)`` of each row, and the probability of ``targets`` when given."""
-    chunk = max(1, READOUT_BUDGET // lens.d_vocab)
-    tops, probs = [], []
-    for start in range(0, states.shape[0], chunk):
-        logits = lens.readout(states[start : start + chunk])
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16: softmax in fp32
-        tops.append(logits.argmax(dim=-1))
-        if targets is not None:
-            picked = logits.gather(-1, targets[start : start + chunk, None].to(logits.device))[:, 0]
-            probs.append((picked - logits.logsumexp(dim=-1)).exp())
-    return torch.cat(tops).cpu(), None if targets is None else torch.cat(probs).cpu()
-
-
 # -- the forward pass -------------------------------------------------------------------------
 def record_states(lens: MemoryLens, batch: PrefixBatch, layers: list[int]) -> SampledStates:
     """Run one batch once and keep ``m, y, r, o`` and the final prediction at each row's last token.
 
     The forward pass stops after the last layer's ``resid_after_ffn`` (no unembedding of every
-    token); the final prediction is ``argmax lens.readout`` of that state, which is the model's
-    own prediction wherever it is the final residual (every decoder family; on post-LN BERT it
-    is the sum before the last LayerNorm, like every ``o`` there).
+    token); the final prediction is ``argmax lens.readout`` of that state
+    (:func:`~ffkv_lens.analysis.vocab.state_top`), which is the model's own prediction wherever
+    it is the final residual (every decoder family; on post-LN BERT it is the sum before the
+    last LayerNorm, like every ``o`` there).
 
     Args:
         lens: The model's lens.
@@ -301,7 +273,7 @@ def record_states(lens: MemoryLens, batch: PrefixBatch, layers: list[int]) -> Sa
         missing = [n for n in names if n not in kept]
         if missing:
             raise HookNotFiredError(f"These hooks did not fire during the forward pass: {missing}.")
-        final, _ = readout_top(lens, kept[last])
+        final = state_top(lens, kept[last])
     hooks = [adapter.hook_names(layer) for layer in layers]
     stack = lambda get: torch.stack([get(h, layer) for h, layer in zip(hooks, layers, strict=True)], 1)  # noqa: E731
     return SampledStates(

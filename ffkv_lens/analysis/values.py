@@ -26,6 +26,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ffkv_lens.analysis.vocab import logsumexp_rows
 from ffkv_lens.errors import AtlasMismatchError, ConfigError
 from ffkv_lens.storage import atomic_folder, read_json
 
@@ -47,7 +48,7 @@ DEFINITIONS = {
     "logits": "lens.value_logits(layer): direction-only projection, centred over the vocabulary",
     "top": "the top_k tokens by logit, highest first; ties: lower token id first",
     "bottom": "the top_k tokens with the lowest logits, lowest first; ties: lower token id first",
-    "max_prob": "max softmax probability of the value's logits, exp(max - logsumexp)",
+    "max_prob": "max softmax probability of the value's logits, 1 / sum(exp(logits - max))",
     "rank": "number of tokens with a strictly greater logit (sign=-1: strictly lower); 0 = top",
 }
 
@@ -286,11 +287,14 @@ def _project_layer(
     """One layer's top/bottom tokens, and the ranks of ``wanted[sign]`` (one id per memory) per sign."""
     parts: dict[str, list[Tensor]] = {name: [] for name in _FIELDS}
     ranks: dict[int, list[Tensor]] = {sign: [] for sign in wanted}
+    scratch = None
     for start in range(0, lens.d_mlp, chunk):
         logits = lens.value_logits(layer, memories=torch.arange(start, min(start + chunk, lens.d_mlp)))
         top_vals, top_ids = topk_by_logit(logits, k, largest=True)
         bottom_vals, bottom_ids = topk_by_logit(logits, k, largest=False)
-        max_prob = (top_vals[:, 0] - torch.logsumexp(logits, dim=-1)).exp()
+        if scratch is None or scratch.shape != logits.shape:
+            scratch = torch.empty_like(logits)
+        max_prob = logsumexp_rows(logits, top_vals[:, 0], scratch).reciprocal()  # exp(max - logsumexp)
         for name, value in zip(_FIELDS, (top_ids, top_vals, bottom_ids, bottom_vals, max_prob), strict=True):
             parts[name].append(value.cpu())
         for sign, targets in wanted.items():  # ranks in the same pass, saving another projection

@@ -31,8 +31,9 @@ from ffkv_lens.analysis.dynamics import (
     wilson_interval,
 )
 from ffkv_lens.analysis.sampling import SampleConfig, prefix_batches, record_states, sample_prefixes
+from ffkv_lens.analysis.values import project_values
 from ffkv_lens.corpus import Corpus, iter_units
-from ffkv_lens.errors import ConfigError
+from ffkv_lens.errors import AtlasMismatchError, ConfigError
 from tests.factories import FAMILY_NAMES
 from tests.helpers import assert_close
 
@@ -356,6 +357,35 @@ def test_batch_size_independence(tiny_bridge, corpus, family: str) -> None:
             assert torch.equal(a, b), field
     pd.testing.assert_frame_equal(small.composition, big.composition)
     assert small.settings == dict(big.settings, batch_tokens=small.settings["batch_tokens"])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma2", "bert"])
+def test_reference_readouts_give_the_same_records(tiny_bridge, corpus, family: str, monkeypatch) -> None:
+    """The tiled readouts (default; BERT: reference anyway) against FFKV_LENS_KERNELS=reference."""
+    lens = MemoryLens(tiny_bridge(family))
+    fast = run(lens, corpus)
+    monkeypatch.setenv("FFKV_LENS_KERNELS", "reference")
+    slow = run(lens, corpus)
+    for field in PositionRecords._fields:
+        a, b = getattr(fast.records, field), getattr(slow.records, field)
+        if field == "prob_r":  # float32 sums in another order
+            assert float((a - b).abs().max()) <= 1e-6, field
+        else:
+            assert torch.equal(a, b), field
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_a_given_projection_gives_the_same_records(tiny_bridge, corpus, family: str) -> None:
+    lens = MemoryLens(tiny_bridge(family))
+    plain = run(lens, corpus, layers=[0, 2])
+    shared = run(lens, corpus, layers=[0, 2], projection=project_values(lens, top_k=2, chunk_memories=7))
+    for field in PositionRecords._fields:
+        assert torch.equal(getattr(plain.records, field), getattr(shared.records, field)), field
+    with pytest.raises(ConfigError, match=r"lacks layers \[2\]"):
+        run(lens, corpus, layers=[0, 2], projection=project_values(lens, top_k=1, layers=[0]))
+    other = MemoryLens(tiny_bridge("gpt2" if family != "gpt2" else "llama"))
+    with pytest.raises(AtlasMismatchError, match="project with this lens"):
+        run(lens, corpus, projection=project_values(other, top_k=1))
 
 
 def test_wrappers_layers_and_settings(tiny_bridge, corpus) -> None:
