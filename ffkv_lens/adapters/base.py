@@ -140,6 +140,11 @@ class MemoryAdapter(abc.ABC):
         """Whether memories have a gate key and an up key."""
         return self.spec.gated
 
+    @property
+    def causal(self) -> bool:
+        """Whether each position sees only itself and earlier ones (False for BERT)."""
+        return self.spec.causal
+
     # -- weights ---------------------------------------------------------------------------
     @abc.abstractmethod
     def keys(self, layer: int) -> Keys:

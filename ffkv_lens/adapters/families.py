@@ -46,6 +46,9 @@ class FamilySpec:
             to the residual stream (Gemma 2/3).
         readout: ``"unembed"`` (final norm + unembedding) or ``"mlm_head"`` (BERT's
             dense + activation + norm + decoder).
+        causal: Whether a position sees only itself and earlier positions (decoders); False for
+            bidirectional encoders (BERT). Analyses that reuse one forward pass for all prefixes
+            of a sequence (the mutation test's shared strategy) need it.
         notes: One line for the family table in docs/adapters.md.
     """
 
@@ -56,6 +59,7 @@ class FamilySpec:
     norm_gain_offset: float = 0.0
     post_ffn_norm: bool = False
     readout: Readout = "unembed"
+    causal: bool = True
     notes: str = ""
 
     def __post_init__(self) -> None:
@@ -152,6 +156,7 @@ for _spec in (
         gated=False,
         layout="post_norm",
         readout="mlm_head",
+        causal=False,
         notes="post-LN encoder; readout through the MLM head",
     ),
 ):

@@ -8,9 +8,10 @@ mutated prefix is compared with the coefficient at the last position of the orig
 recomputed in the same run: ``change = (m_mut - m_orig) / |m_orig|``. Removing the last token
 hurts shallow (n-gram, last-token) keys most; the paper finds this in its lower layers.
 
-Cost: every distinct token sequence is run once for all keys of a layer (one forward gives
-every key's coefficient), right-padded in length-sorted batches, and the forward stops at the
-layer. See docs/mutation.md for the exact definitions and measured numbers.
+Cost (:mod:`ffkv_lens.analysis.mutation_runs`): on causal models every prefix is read from one of
+a few *variant sequences* per unit (the unit, without its first token, without its random token),
+each run once for every key and layer; bidirectional models run each prefix alone, per layer.
+See docs/mutation.md for the exact definitions and measured numbers.
 
 Example:
     >>> import ffkv_lens as fk  # doctest: +SKIP
@@ -21,35 +22,39 @@ Example:
 """
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-import torch
-from jaxtyping import Float, Int
-from torch import Tensor
 
+from ffkv_lens.analysis.mutation_runs import MEASURED, ROW_FIELDS, collect_examples, run_prefix, run_shared
 from ffkv_lens.errors import AtlasMismatchError, ConfigError
 
-__all__ = ["DEFINITIONS", "MUTATIONS", "MutationConfig", "MutationResult", "mutation_test"]
+__all__ = ["DEFINITIONS", "MUTATIONS", "STRATEGIES", "MutationConfig", "MutationResult", "mutation_test"]
 
 log = logging.getLogger(__name__)
 
 MUTATIONS = ("first", "last", "random")
 OnMismatch = Literal["warn", "raise", "ignore"]
 _ON_MISMATCH = ("warn", "raise", "ignore")
-# Independent random streams per (seed, layer): changing one setting does not reshuffle the others.
-_KEYS, _TOKENS, _BOOTSTRAP = 0, 1, 2
+Strategy = Literal["auto", "shared", "prefix"]
+STRATEGIES = ("auto", "shared", "prefix")
+# Bootstrap stream per (seed, layer); the key and random-token streams are in mutation_runs.
+_BOOTSTRAP = 2
 
 DEFINITIONS = {
     "prefix": "[BOS] + unit tokens[:position + 1] when the atlas was searched with BOS, else unit "
     "tokens[:position + 1]; its own tokens exclude the BOS, which is never removed",
-    "mutations": "first: drop own token 0; last: drop the last token; random: drop own token j, j uniform "
-    "in [0, n_own) drawn per example (j may be 0 or n_own - 1)",
-    "coefficient": "the key's coefficient (mlp.hook_post) at the last position of the (mutated) prefix, "
-    "the prefix run alone (right padding masked)",
+    "mutations": "first: drop own token 0; last: drop the last token; random: drop own token j (j may be 0 "
+    "or n_own - 1)",
+    "random_index": "j = the first entry below n_own of the unit's permutation of its own token indices, "
+    "numpy.random.default_rng([seed, unit_id, 1]).permutation(len(unit)); uniform on [0, n_own) for every "
+    "example; examples on the same unit share the permutation (same n_own, same j; independent of layer, key "
+    "and the layers tested)",
+    "coefficient": "the key's coefficient (mlp.hook_post) at the last position of the (mutated) prefix "
+    "as if run alone (right padding masked); on causal models read from a longer sequence that starts with "
+    "the prefix (strategy 'shared', the same number), else computed on the prefix alone ('prefix')",
     "change": "sign * (m_mut - m_orig) / |m_orig|, m_orig recomputed on the original prefix in the same run "
     "(sign = 1 for top-k examples, -1 for bottom-k); |m_orig| keeps the direction meaningful for signed "
     "(gated) coefficients: a negative change is always a weakening in the example's direction",
@@ -144,15 +149,6 @@ class MutationResult:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class _Plan:
-    """The distinct sequences of one layer and, per measured example, which of them it needs."""
-
-    prefixes: list[tuple[int, ...]]
-    rows: dict[str, list[int | float]]
-    skipped_short: dict[int, int]
-
-
 def mutation_test(
     lens: Any,
     atlas: Any,
@@ -165,6 +161,7 @@ def mutation_test(
     shallow_threshold: float = 0.25,
     config: MutationConfig | None = None,
     batch_tokens: int = 4096,
+    strategy: Strategy = "auto",
     dedupe: bool = True,
     progress: bool = True,
 ) -> MutationResult:
@@ -181,8 +178,12 @@ def mutation_test(
         shallow_threshold: ``shallow_score`` at or above which a key is labelled "shallow".
         config: A full :class:`MutationConfig` instead of the arguments above (not both).
         batch_tokens: Padded tokens per forward pass (speed and memory only).
-        dedupe: Run each distinct token sequence once (speed only; the numbers are the same).
-        progress: Show a progress bar over layers.
+        strategy: How prefixes are run (speed only; the numbers are the same): ``"shared"`` reads
+            every prefix of a unit from a few variant sequences run once (causal models only),
+            ``"prefix"`` runs each prefix alone per layer (the reference; any model), ``"auto"``
+            picks ``"shared"`` when ``lens.adapter.causal`` is true, else ``"prefix"``.
+        dedupe: ``"prefix"`` strategy: run each distinct token sequence once per layer (speed only).
+        progress: Show a progress bar (tokens x layers run).
 
     Returns:
         A :class:`MutationResult`.
@@ -199,39 +200,35 @@ def mutation_test(
     config = config or direct
     if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 1:
         raise ConfigError(f"batch_tokens={batch_tokens!r}; pass a positive integer (padded tokens per forward).")
+    how = _choose_strategy(lens, strategy)
     test_layers, bos = _check_inputs(lens, atlas, config)
-    plans = {layer: _plan_layer(atlas, layer, config, bos, dedupe) for layer in test_layers}
-    frames, stats = _run_plans(lens, plans, batch_tokens, progress)
-    skipped = {layer: plan.skipped_short for layer, plan in plans.items()}
-    per_example = _changes(frames, config)
+    examples_ = collect_examples(atlas, config, test_layers, bos)
+    if how == "shared":
+        values, stats = run_shared(lens, examples_, batch_tokens, progress)
+    else:
+        values, stats = run_prefix(lens, examples_, batch_tokens, dedupe, progress)
+    per_example = _changes(examples_.rows, values, config)
     settings = _settings(lens, atlas, config, test_layers, bos, per_example, stats, batch_tokens)
     _check_deviation(settings, config)
     per_key = _per_key(per_example, config)
-    per_layer = _per_layer(per_example, per_key, skipped, config, test_layers, lens.n_layers)
+    per_layer = _per_layer(per_example, per_key, examples_.skipped_short, config, test_layers, lens.n_layers)
     for frame in (per_layer, per_key, per_example):
         frame.attrs.update(settings)
     return MutationResult(per_layer, per_key, per_example, settings)
 
 
-def _run_plans(lens: Any, plans: dict[int, _Plan], batch_tokens: int, progress: bool) -> tuple[list, dict]:
-    """Measure every layer's plan; the progress bar counts tokens x layers run (the cost)."""
-    from tqdm.auto import tqdm
-
-    work = {layer: (layer + 1) * sum(len(seq) for seq in plan.prefixes) for layer, plan in plans.items()}
-    total, n_seqs = sum(work.values()), sum(len(plan.prefixes) for plan in plans.values())
-    log.info("mutation test: %d distinct sequences, %d tokens x layers to run", n_seqs, total)
-    stats: dict[str, Any] = {"unique_sequences": {}, "requested_sequences": {}, "seconds": {}, "token_layers": total}
-    frames = []
-    with tqdm(total=total, desc="mutation test", unit="tok*layer", unit_scale=True, disable=not progress) as bar:
-        for layer, plan in plans.items():
-            start = time.perf_counter()
-            frames.append(_measure_layer(lens, layer, plan, batch_tokens))
-            stats["unique_sequences"][layer] = len(plan.prefixes)
-            stats["requested_sequences"][layer] = 4 * len(plan.rows["key"])
-            stats["seconds"][layer] = round(time.perf_counter() - start, 3)
-            log.info("layer %d: %d sequences in %.1f s", layer, len(plan.prefixes), stats["seconds"][layer])
-            bar.update(work[layer])
-    return frames, stats
+def _choose_strategy(lens: Any, strategy: str) -> str:
+    """``"shared"`` or ``"prefix"``; the shared strategy is exact on causal models only."""
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"strategy={strategy!r}; allowed: {STRATEGIES}.")
+    causal = bool(getattr(lens.adapter, "causal", False))
+    if strategy == "shared" and not causal:
+        raise ConfigError(
+            "strategy='shared' reads each prefix from a longer sequence, which is exact on causal models only; "
+            f"this adapter is not causal ({lens.adapter.describe().get('family', 'unknown family')}). "
+            "Use strategy='prefix' or 'auto'."
+        )
+    return strategy if strategy != "auto" else ("shared" if causal else "prefix")
 
 
 def _check_inputs(lens: Any, atlas: Any, config: MutationConfig) -> tuple[list[int], int | None]:
@@ -255,121 +252,13 @@ def _check_inputs(lens: Any, atlas: Any, config: MutationConfig) -> tuple[list[i
     return layers, int(bos)
 
 
-def _plan_layer(atlas: Any, layer: int, config: MutationConfig, bos: int | None, dedupe: bool) -> _Plan:
-    """Sample keys, cut prefixes, draw the random tokens and list the distinct sequences."""
-    table = (atlas.top if config.sign == 1 else atlas.bottom)[layer]
-    rng_keys = np.random.default_rng([config.seed, layer, _KEYS])
-    rng_tokens = np.random.default_rng([config.seed, layer, _TOKENS])
-    with_examples = torch.nonzero(table.units[:, 0] >= 0).flatten().numpy()
-    n_keys = min(config.keys_per_layer, len(with_examples))
-    keys = np.sort(rng_keys.choice(with_examples, size=n_keys, replace=False)).tolist()
-    n_ex = min(config.examples, table.units.shape[1])
-    head = () if bos is None else (bos,)
-    index: dict[tuple[int, ...], int] = {}
-    plan = _Plan([], {name: [] for name in _ROW_FIELDS}, {key: 0 for key in keys})
-    units: dict[int, list[int]] = {}
-
-    def add(seq: tuple[int, ...]) -> int:
-        if not dedupe or seq not in index:
-            index[seq] = len(plan.prefixes)
-            plan.prefixes.append(seq)
-            return len(plan.prefixes) - 1
-        return index[seq]
-
-    for key in keys:
-        rows = zip(*(getattr(table, f)[key, :n_ex].tolist() for f in ("units", "positions", "values")), strict=True)
-        for rank, (unit, position, m_atlas) in enumerate(rows):
-            if unit < 0:
-                break
-            if unit not in units:
-                units[unit] = atlas.units.get(unit)[1]
-            own = tuple(units[unit][: position + 1]) if position >= 0 else ()
-            if len(own) < 2:
-                plan.skipped_short[key] += 1
-                continue
-            j = int(rng_tokens.integers(len(own)))
-            seqs = (own, own[1:], own[:-1], own[:j] + own[j + 1 :])
-            values = (key, rank, unit, position, m_atlas, j, len(own))
-            for name, value in zip(_ROW_FIELDS, values + tuple(add(head + s) for s in seqs), strict=True):
-                plan.rows[name].append(value)
-    return plan
-
-
-_ROW_FIELDS = tuple(
-    "key rank unit_id position m_atlas random_index n_own_tokens seq_orig seq_first seq_last seq_random".split()
-)
-
-
-def _measure_layer(lens: Any, layer: int, plan: _Plan, batch_tokens: int) -> Any:
-    """Coefficients of every needed (sequence, key) pair; one row per measured example."""
+def _changes(rows: dict[str, list[Any]], values: np.ndarray, config: MutationConfig) -> Any:
+    """One row per measured example: drop ``|m_orig|``-degenerate examples, add relative changes."""
     import pandas as pd
 
-    frame = pd.DataFrame(plan.rows, columns=list(_ROW_FIELDS))
-    keys = torch.tensor(frame["key"].to_numpy(), dtype=torch.int64)
-    seqs = torch.tensor(frame[[f"seq_{n}" for n in ("orig", *MUTATIONS)]].to_numpy(), dtype=torch.int64)
-    values = _last_coefficients(lens, layer, plan.prefixes, seqs.reshape(-1), keys.repeat_interleave(4), batch_tokens)
-    values = values.reshape(-1, 4).numpy()
-    frame.insert(0, "layer", layer)
-    for i, name in enumerate(("m_orig", "m_first", "m_last", "m_random")):
-        frame[name] = values[:, i] if len(frame) else np.zeros(0)
-    return frame.drop(columns=[f"seq_{n}" for n in ("orig", *MUTATIONS)])
-
-
-def _last_coefficients(
-    lens: Any,
-    layer: int,
-    prefixes: list[tuple[int, ...]],
-    pair_seq: Int[Tensor, " pairs"],
-    pair_key: Int[Tensor, " pairs"],
-    batch_tokens: int,
-) -> Float[Tensor, " pairs"]:
-    """``m[key]`` at the last real position of each pair's sequence, in length-sorted padded batches."""
-    out = torch.zeros(pair_seq.numel(), dtype=torch.float64)
-    if not prefixes:
-        return out
-    order = sorted(range(len(prefixes)), key=lambda i: len(prefixes[i]))
-    slot = torch.empty(len(prefixes), dtype=torch.int64)
-    slot[torch.as_tensor(order)] = torch.arange(len(prefixes))
-    pair_slot = slot[pair_seq]
-    perm = torch.argsort(pair_slot, stable=True)
-    sorted_slot = pair_slot[perm]
-    tok = lens.adapter.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    for start, end in _batch_bounds([len(prefixes[i]) for i in order], batch_tokens):
-        rows = [prefixes[i] for i in order[start:end]]
-        lengths = torch.tensor([len(r) for r in rows])
-        width = int(lengths.max())
-        tokens = torch.full((len(rows), width), pad, dtype=torch.int64)
-        for i, row in enumerate(rows):
-            tokens[i, : len(row)] = torch.tensor(row)
-        mask = (torch.arange(width) < lengths[:, None]).long()
-        dev = lens.adapter.device
-        with torch.no_grad():
-            m = lens.coefficients(tokens.to(dev), layers=[layer], attention_mask=mask.to(dev))[layer]
-        last = m[torch.arange(len(rows), device=m.device), (lengths - 1).to(m.device)].double().cpu()
-        lo, hi = torch.searchsorted(sorted_slot, torch.tensor([start, end])).tolist()
-        sel = perm[lo:hi]
-        out[sel] = last[pair_slot[sel] - start, pair_key[sel]]
-    return out
-
-
-def _batch_bounds(lengths: list[int], batch_tokens: int) -> list[tuple[int, int]]:
-    """Split ascending ``lengths`` into runs whose padded size (rows x longest) fits ``batch_tokens``."""
-    bounds, start = [], 0
-    for i, length in enumerate(lengths):
-        if i > start and (i - start + 1) * length > batch_tokens:
-            bounds.append((start, i))
-            start = i
-    if lengths:
-        bounds.append((start, len(lengths)))
-    return bounds
-
-
-def _changes(frames: list[Any], config: MutationConfig) -> Any:
-    """Concatenate the layers, drop ``|m_orig|``-degenerate examples, add relative changes."""
-    import pandas as pd
-
-    frame = pd.concat(frames, ignore_index=True)
+    frame = pd.DataFrame(rows, columns=list(ROW_FIELDS))
+    for i, name in enumerate(MEASURED):
+        frame[name] = values[:, i]
     frame["degenerate"] = frame["m_orig"].abs() <= config.min_abs_coefficient
     denominator = frame["m_orig"].abs().where(~frame["degenerate"])
     for name in MUTATIONS:
