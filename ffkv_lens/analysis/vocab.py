@@ -65,12 +65,14 @@ KERNELS_ENV = "FFKV_LENS_KERNELS"
 # Floats held by one reference readout chunk (rows x d_vocab).
 READOUT_BUDGET = 2**25
 # Floats held by one chunk of value logits in value_extremes: 512 MiB, 512 Gemma 3 values per product
-# (a product of 128 rows ran at ~85 GFLOP/s on the 2-core CPU, 512 rows at ~120).
+# ([rows, 640] @ [640, 262144] on the 2-core CPU, one session: 128 rows 83-102 GFLOP/s, 512 rows 120-125).
 VALUE_BUDGET = 2**27
-# Rows of each state per block of the tiled pass: the product reads 2 x READOUT_ROWS rows per tile.
+# Rows of each state per block of the tiled pass (the product reads 2 x READOUT_ROWS rows per tile) and
+# vocabulary columns per tile, so that a tile of logits stays near the cache for the passes after the
+# product. Measured on the 2-core CPU (r, y, o readouts of 4,096 rows): SmolLM2 110 GFLOP/s of products
+# at 1024 x 2048 (96 at 1024 x 4096, 86 at 512 x 4096); Gemma 3 114 (110, 84; 118 at 2048 x 2048).
 READOUT_ROWS = 1024
-# Vocabulary columns per tile: a tile of logits stays near the cache for the passes after the product.
-VOCAB_TILE = 4096
+VOCAB_TILE = 2048
 # exp(x) for x < -87.3 is a float32 denormal, which x86 computes ~5x slower; such terms add less than
 # d_vocab * 1.7e-38 to a sum that is at least 1 (its largest term is exp(0)), far below one ulp.
 EXP_FLOOR = -87.0
