@@ -201,8 +201,8 @@ def _ratio(num: Tensor, den: Tensor) -> Tensor:
 
 
 def _o_weights(parts: Any, gain: Tensor | None, centres: bool, beta: Tensor, r: Tensor, y: Tensor,
-               o: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """Normalised r and y, the weights a and b of ``P(o)``, and which rows must read o directly."""
+               o: Tensor) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:  # fmt: skip
+    """Normalised r, y and o, the weights a and b of ``P(o)``, and which rows must read o directly."""
     normed = [parts.norm(x) for x in (r, y, o)]
     directions = [_direction(x, gain, centres) for x in (r, y, o)]
     (s_r, ok_r), (s_y, ok_y), (s_o, ok_o) = (_scale(n, beta, d) for n, d in zip(normed, directions, strict=True))
@@ -210,7 +210,7 @@ def _o_weights(parts: Any, gain: Tensor | None, centres: bool, beta: Tensor, r: 
     additive = (d_o - d_r - d_y).norm(dim=-1) <= NORM_FORM_RTOL * (d_r.norm(dim=-1) + d_y.norm(dim=-1))
     a, b = _ratio(s_o, s_r), _ratio(s_o, s_y)
     direct = ~(ok_r & ok_y & ok_o & additive & (a.abs() + b.abs() <= DERIVE_LIMIT))
-    return normed[0], normed[1], a, b, direct.nonzero().squeeze(1)
+    return normed, a, b, direct.nonzero().squeeze(1)
 
 
 class _Readout(NamedTuple):
@@ -225,8 +225,8 @@ def _block_tops(ro: _Readout, r: Tensor, y: Tensor, o: Tensor, targets: Tensor, 
     """One block of rows: :class:`StateTops` and the number of rows whose o was read directly."""
     n, dev = r.shape[0], r.device
     parts, base = ro.parts, ro.base
-    normed_r, normed_y, a, b, direct = _o_weights(parts, ro.gain, ro.centres, ro.beta, r, y, o)
-    stacked = torch.cat([normed_r, normed_y, parts.norm(o[direct])])
+    (normed_r, normed_y, normed_o), a, b, direct = _o_weights(parts, ro.gain, ro.centres, ro.beta, r, y, o)
+    stacked = torch.cat([normed_r, normed_y, normed_o[direct]])
     w_u, bias, cap = parts.unembedding, parts.bias, parts.soft_cap
     v = w_u.shape[1]
     width = min(tile, v)
