@@ -38,7 +38,7 @@ from ffkv_lens.storage import atomic_write_bytes, atomic_write_json, read_json
 __all__ = ["STEPS", "RunConfig", "run_study"]
 
 log = logging.getLogger(__name__)
-STEPS = ("triggers", "dynamics", "values", "agreement", "mutation", "figures", "report")
+STEPS = ("triggers", "values", "dynamics", "agreement", "mutation", "figures", "report")
 DISTRIBUTED_STEPS = ("triggers", "dynamics")  # shared by every rank under torchrun; the rest run on rank 0
 _UNITS = ("sentence", "document", "window")
 
@@ -332,26 +332,31 @@ def _run_steps(run: _Run, lens: Any, corpus: Any, progress: bool, say: Callable[
             atlas.save(folder / "atlas")
         return {"tokens": atlas.manifest["progress"]["tokens"], "units": atlas.manifest["progress"]["units"]}
 
-    def dynamics() -> dict[str, Any]:
-        result = layer_dynamics(lens, corpus, positions=c.positions, seed=c.seed, progress=progress)
-        tables = {"composition": "composition_per_layer", "residual": "residual_per_layer"}
-        return _write_result(run, "dynamics", result, tables) if here.is_main else {}
-
-    run.step("triggers", triggers, say)
-    run.step("dynamics", dynamics, say)
-    if not here.is_main:  # the other steps are rank 0's alone
-        return
-    atlas = TriggerAtlas.load(folder / "atlas")
-
     def values() -> dict[str, Any]:
         # Rank the agreement's target tokens in the same pass: no second projection for agreement.
+        atlas = TriggerAtlas.load(folder / "atlas")
         signs = (1, -1) if atlas.signed else (1,)
         targets = {sign: agreement_targets(atlas, sign) for sign in signs}
         projection = project_values(lens, top_k=c.top_k, layers=atlas.layers, rank_targets=targets)
         return {"path": str(projection.save(folder / "values"))}
 
-    run.step("values", values, say)
-    projection = ValueProjection.load(folder / "values", lens=lens)
+    def dynamics() -> dict[str, Any]:
+        # Rank 0 reuses the values' top and bottom tokens; other ranks (torchrun) derive the same tokens.
+        result = layer_dynamics(
+            lens, corpus, positions=c.positions, seed=c.seed, progress=progress, projection=projection
+        )
+        tables = {"composition": "composition_per_layer", "residual": "residual_per_layer"}
+        return _write_result(run, "dynamics", result, tables) if here.is_main else {}
+
+    run.step("triggers", triggers, say)
+    projection = None
+    if here.is_main:  # the values are rank 0's alone; the other ranks go on to the shared dynamics
+        run.step("values", values, say)
+        projection = ValueProjection.load(folder / "values", lens=lens)
+    run.step("dynamics", dynamics, say)
+    if not here.is_main:  # the other steps are rank 0's alone
+        return
+    atlas = TriggerAtlas.load(folder / "atlas")
 
     def agreement() -> dict[str, Any]:
         result = value_agreement(lens, atlas, projection, seed=c.seed)
