@@ -26,7 +26,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ffkv_lens.analysis.vocab import logsumexp_rows
+from ffkv_lens.analysis.vocab import EXP_FLOOR, logsumexp_rows
 from ffkv_lens.errors import AtlasMismatchError, ConfigError
 from ffkv_lens.storage import atomic_folder, read_json
 
@@ -281,24 +281,58 @@ def _count_beats(logits: Tensor, token_ids: Tensor, sign: int) -> Tensor:
     return torch.where(token_ids >= 0, beats.sum(dim=1), -1).cpu()
 
 
+def row_stats_reference(
+    logits: Float[Tensor, "n d_vocab"], k: int, targets: dict[int, Tensor]
+) -> tuple[tuple[Tensor, ...], dict[int, Tensor]]:
+    """The definition of one block's statistics: top/bottom ``k``, max probability, target ranks per sign."""
+    top_vals, top_ids = topk_by_logit(logits, k, largest=True)
+    bottom_vals, bottom_ids = topk_by_logit(logits, k, largest=False)
+    max_prob = logsumexp_rows(logits, top_vals[:, 0]).reciprocal()  # exp(max - logsumexp)
+    ranks = {sign: _count_beats(logits, wanted, sign) for sign, wanted in targets.items()}
+    return (top_ids, top_vals, bottom_ids, bottom_vals, max_prob), ranks
+
+
+def row_stats(
+    logits: Float[Tensor, "n d_vocab"], k: int, targets: dict[int, Tensor]
+) -> tuple[tuple[Tensor, ...], dict[int, Tensor]]:
+    """:func:`row_stats_reference`, by the Numba twin on the CPU (``FFKV_LENS_KERNELS`` picks, as for the search).
+
+    Token ids and ranks are identical; ``max_prob`` agrees within float32 rounding (summed in float64
+    by the twin). Rows holding a NaN are computed by the reference.
+    """
+    from ffkv_lens.kernels import active_implementation
+
+    usable = logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64)
+    if not usable or active_implementation(logits.device) != "numba":
+        return row_stats_reference(logits, k, targets)
+    from ffkv_lens.kernels.vocab_numba import row_stats as fused
+
+    (top_vals, top_ids, bottom_vals, bottom_ids, max_prob), ranks, bad = fused(logits, k, targets, EXP_FLOOR)
+    parts = [top_ids, top_vals, bottom_ids, bottom_vals, max_prob]
+    rows = bad.nonzero().squeeze(1)
+    if rows.numel():
+        fixed, fixed_ranks = row_stats_reference(logits[rows], k, {s: t[rows] for s, t in targets.items()})
+        for part, value in zip(parts, fixed, strict=True):
+            part[rows] = value
+        for sign, value in fixed_ranks.items():
+            ranks[sign][rows] = value
+    return tuple(parts), ranks
+
+
 def _project_layer(
     lens: Any, layer: int, k: int, chunk: int, wanted: dict[int, Tensor]
 ) -> tuple[dict[str, Tensor], dict[int, Tensor]]:
     """One layer's top/bottom tokens, and the ranks of ``wanted[sign]`` (one id per memory) per sign."""
     parts: dict[str, list[Tensor]] = {name: [] for name in _FIELDS}
     ranks: dict[int, list[Tensor]] = {sign: [] for sign in wanted}
-    scratch = None
     for start in range(0, lens.d_mlp, chunk):
         logits = lens.value_logits(layer, memories=torch.arange(start, min(start + chunk, lens.d_mlp)))
-        top_vals, top_ids = topk_by_logit(logits, k, largest=True)
-        bottom_vals, bottom_ids = topk_by_logit(logits, k, largest=False)
-        if scratch is None or scratch.shape != logits.shape:
-            scratch = torch.empty_like(logits)
-        max_prob = logsumexp_rows(logits, top_vals[:, 0], scratch).reciprocal()  # exp(max - logsumexp)
-        for name, value in zip(_FIELDS, (top_ids, top_vals, bottom_ids, bottom_vals, max_prob), strict=True):
+        targets = {sign: ids[start : start + chunk].to(logits.device) for sign, ids in wanted.items()}
+        values, counted = row_stats(logits, k, targets)
+        for name, value in zip(_FIELDS, values, strict=True):
             parts[name].append(value.cpu())
-        for sign, targets in wanted.items():  # ranks in the same pass, saving another projection
-            ranks[sign].append(_count_beats(logits, targets[start : start + chunk], sign))
+        for sign, value in counted.items():  # ranks in the same pass, saving another projection
+            ranks[sign].append(value.cpu())
     return {name: torch.cat(values) for name, values in parts.items()}, {s: torch.cat(r) for s, r in ranks.items()}
 
 
