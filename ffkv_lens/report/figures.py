@@ -43,15 +43,21 @@ def _figure(title: str) -> tuple[Any, Any]:
     return fig, ax
 
 
-def _x(frame: Any, n_layers: int | None, x: XAxis) -> tuple[Any, str]:
+def _x(ax: Any, frame: Any, n_layers: int | None, x: XAxis) -> Any:
+    """The x values of ``frame``'s layers, with the axis labelled (integer ticks for layers)."""
     if x not in ("layer", "relative"):
         raise ConfigError(f"x={x!r}; allowed: 'layer', 'relative'.")
     layers = frame["layer"].to_numpy()
     if x == "layer":
-        return layers, "layer"
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("layer")
+        return layers
     if not n_layers:
         raise ConfigError("x='relative' needs n_layers (the model's number of layers).")
-    return (layers + 1) / n_layers, "relative depth (layer + 1) / n_layers"
+    ax.set_xlabel("relative depth (layer + 1) / n_layers")
+    return (layers + 1) / n_layers
 
 
 def _require(frame: Any, columns: list[str], what: str) -> None:
@@ -82,7 +88,7 @@ def plot_agreement(frame: Any, *, n_layers: int | None = None, x: XAxis = "layer
     """Fig 4: agreement rate per layer (top token of value == next token of top trigger), with baselines."""
     _require(frame, ["layer", "agreement_rate"], "plot_agreement")
     fig, ax = _figure("Value top token = next token of the key's top trigger example")
-    xs, label = _x(frame, n_layers, x)
+    xs = _x(ax, frame, n_layers, x)
     ax.plot(xs, frame["agreement_rate"] * 100, marker="o", ms=3, color=_PALETTE[0], label="agreement")
     if "agreement_ci_low" in frame.columns:
         ax.fill_between(
@@ -93,7 +99,6 @@ def plot_agreement(frame: Any, *, n_layers: int | None = None, x: XAxis = "layer
     ):
         if column in frame.columns:
             ax.plot(xs, frame[column] * 100, ls="--", lw=1, color=_PALETTE[i + 1], label=name)
-    ax.set_xlabel(label)
     ax.set_ylabel("agreement rate (%)")
     ax.legend(fontsize=8)
     return save_figure(fig, out)
@@ -103,7 +108,7 @@ def plot_rank(frame: Any, *, n_layers: int | None = None, x: XAxis = "layer", ou
     """Fig 5: median rank of the top trigger's next token in the value's distribution."""
     _require(frame, ["layer", "median_rank"], "plot_rank")
     fig, ax = _figure("Rank of the trigger's next token in the value's distribution")
-    xs, label = _x(frame, n_layers, x)
+    xs = _x(ax, frame, n_layers, x)
     _line(ax, xs, frame, "median_rank", "median rank", _PALETTE[0])
     top = float(np.nanmax(frame["median_rank"].to_numpy(dtype=float), initial=1.0))
     if "baseline_uniform" in frame and frame["baseline_uniform"].notna().any():
@@ -114,7 +119,6 @@ def plot_rank(frame: Any, *, n_layers: int | None = None, x: XAxis = "layer", ou
     ax.set_yscale("symlog")
     # Whole decades, from 0: a range inside one decade would otherwise get no tick labels.
     ax.set_ylim(0, 10 ** math.ceil(math.log10(max(top, 1.0) + 1)))
-    ax.set_xlabel(label)
     ax.set_ylabel("median rank (0 = top)")
     return save_figure(fig, out)
 
@@ -123,13 +127,12 @@ def plot_mutation(frame: Any, *, n_layers: int | None = None, x: XAxis = "layer"
     """Fig 3: relative change of the key's coefficient after removing the first, last or a random token."""
     _require(frame, ["layer", "change_first", "change_last", "change_random"], "plot_mutation")
     fig, ax = _figure("Coefficient change after removing one token of the trigger prefix")
-    xs, label = _x(frame, n_layers, x)
+    xs = _x(ax, frame, n_layers, x)
     for i, (column, name) in enumerate(
         [("change_first", "first token"), ("change_last", "last token"), ("change_random", "random token")]
     ):
         _line(ax, xs, frame, column, name, _PALETTE[i])
     ax.axhline(0, color="black", lw=0.8)
-    ax.set_xlabel(label)
     ax.set_ylabel("mean relative change")
     ax.legend(fontsize=8)
     return save_figure(fig, out)
@@ -139,11 +142,10 @@ def plot_composition(frame: Any, *, n_layers: int | None = None, x: XAxis = "lay
     """Fig 7-8: share of active memories, and how often no active memory agrees with the layer."""
     _require(frame, ["layer", "active_fraction", "no_memory_agrees"], "plot_composition")
     fig, ax = _figure("Composition within a layer")
-    xs, label = _x(frame, n_layers, x)
+    xs = _x(ax, frame, n_layers, x)
     _line(ax, xs, frame, "active_fraction", "active memories (share of d_mlp)", _PALETTE[0])
     _line(ax, xs, frame, "no_memory_agrees", "no active memory agrees with the layer", _PALETTE[1])
     ax.set_ylim(0, 1.02)
-    ax.set_xlabel(label)
     ax.set_ylabel("fraction")
     ax.legend(fontsize=8)
     return save_figure(fig, out)
@@ -153,13 +155,12 @@ def plot_residual(frame: Any, *, n_layers: int | None = None, x: XAxis = "layer"
     """Fig 9-10: how often the residual's top token is the final prediction, and its probability."""
     _require(frame, ["layer", "resid_matches_final"], "plot_residual")
     fig, ax = _figure("Residual entering the FFN vs the model's final prediction")
-    xs, label = _x(frame, n_layers, x)
+    xs = _x(ax, frame, n_layers, x)
     _line(ax, xs, frame, "resid_matches_final", "top(r) = final prediction", _PALETTE[0])
     for i, column in enumerate(["resid_prob_final_mean", "resid_prob_final_median"]):
         if column in frame.columns:
             _line(ax, xs, frame, column, column.replace("resid_prob_final_", "p(final | r), "), _PALETTE[i + 1])
     ax.set_ylim(0, 1.02)
-    ax.set_xlabel(label)
     ax.set_ylabel("fraction / probability")
     ax.legend(fontsize=8)
     return save_figure(fig, out)
@@ -170,10 +171,9 @@ def plot_residual_breakdown(frame: Any, *, n_layers: int | None = None, x: XAxis
     buckets = ["frac_residual", "frac_ffn", "frac_agreement", "frac_composition", "frac_other"]
     _require(frame, ["layer", *buckets], "plot_residual_breakdown")
     fig, ax = _figure("top(o) vs top(r) and top(y), o = r + y")
-    xs, label = _x(frame, n_layers, x)
+    xs = _x(ax, frame, n_layers, x)
     ax.stackplot(xs, *[frame[b] for b in buckets], labels=[b[5:] for b in buckets], colors=_PALETTE[:5], alpha=0.85)
     ax.set_ylim(0, 1)
-    ax.set_xlabel(label)
     ax.set_ylabel("share of positions")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return save_figure(fig, out)
