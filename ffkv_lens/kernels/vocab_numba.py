@@ -1,4 +1,4 @@
-"""Per-row statistics of value logits on the CPU, compiled with Numba: two passes over each row.
+"""Per-row statistics of value logits on the CPU, compiled with Numba: two passes over each row, plus one per rank sign.
 
 The twin of the torch reference in :func:`ffkv_lens.analysis.values.row_stats_reference` (which remains
 the definition): for each row of a ``[n, d_vocab]`` block of logits, the ``k`` highest and ``k``
@@ -12,7 +12,8 @@ Why: on Gemma 3 (262,144 tokens) the reference reads each block of logits about 
 ``torch.topk``, the log-sum-exp, two rank counts) and those passes, not the product with the
 unembedding, took most of ``project_values``. Here the first pass keeps both sorted rows (a value
 enters only when it beats the row's k-th, one comparison for almost every token) and the maximum;
-the second sums the exponentials and counts the ranks. Rows holding a NaN are left to the reference
+the second sums the exponentials; then one pass per sign counts the ranks (folding the counts into
+the second pass would save up to two more). Rows holding a NaN are left to the reference
 (``torch.topk`` orders NaN as the largest value).
 """
 
