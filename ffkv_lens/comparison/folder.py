@@ -37,12 +37,13 @@ from ffkv_lens.errors import ConfigError, RunFolderError
 from ffkv_lens.pipeline import write_table
 from ffkv_lens.report.memories import RunFolder
 from ffkv_lens.storage import atomic_write_json, read_json
+from ffkv_lens.storage.layout import COMPARISON, claim_folder
 
 __all__ = ["COMPARE_FORMAT", "MATCH_COLUMNS", "Comparison", "compare"]
 
 log = logging.getLogger(__name__)
 
-COMPARE_FORMAT = "ffkv_lens.compare/1"
+COMPARE_FORMAT = COMPARISON.format
 MATCH_COLUMNS = [
     "kind", "run_a", "layer_a", "key_a", "run_b", "layer_b", "key_b", "rank", "score", "q_value", "significant",
     "value_similarity", "key_correlation",
@@ -169,13 +170,14 @@ def compare(
         raise ConfigError(f"fdr={fdr!r}; pass a rate in (0, 1), e.g. 0.05.")
     if top_n < 1:
         raise ConfigError(f"top_n={top_n!r}; pass a positive integer.")
+    out = Path(out)
+    claim_folder(out, COMPARISON)  # a non-empty folder of anything else (a run folder, say) is refused
     folders = [RunFolder(path) for path in run_dirs]
     for run in folders:
         if "layout" not in run.manifest:
             raise RunFolderError(f"run folder {str(run.path)!r} has no model layout yet: let `ffkv-lens run` finish.")
     runs = dict(zip(_labels(folders), folders, strict=True))
     differ = _check_corpora(runs, allow_different_corpora)
-    out = Path(out)
     (out / "tables").mkdir(parents=True, exist_ok=True)
     note = "runs on different corpora" if differ else None
     started = time.perf_counter()

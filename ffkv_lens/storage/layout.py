@@ -1,0 +1,186 @@
+"""The on-disk layouts the program writes: run folders and comparison folders.
+
+A folder is recognised by the ``format`` of its ``manifest.json`` alone. Writers open their
+output folder through :func:`claim_folder`, which refuses any non-empty folder that is not of
+their kind, so a run never adopts (or a comparison never overwrites) a folder of the user's.
+``force`` removes only the entries the program itself writes (:func:`remove_outputs`); any other
+file in the folder is kept and named.
+
+Example:
+    >>> import tempfile, pathlib
+    >>> from ffkv_lens.storage.layout import RUN, claim_folder
+    >>> folder = pathlib.Path(tempfile.mkdtemp()) / "run"
+    >>> claim_folder(folder, RUN).state
+    'new'
+"""
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from ffkv_lens.errors import RunFolderError
+from ffkv_lens.storage.atomic import read_json
+
+__all__ = [
+    "COMPARISON",
+    "RUN",
+    "FolderClaim",
+    "FolderKind",
+    "claim_folder",
+    "manifest_format",
+    "remove_outputs",
+]
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class FolderKind:
+    """One kind of folder the program writes.
+
+    Attributes:
+        name: ``"run"`` or ``"comparison"``.
+        format: The ``format`` its writer puts in ``manifest.json`` (a prefix plus a version).
+        files: Top-level files the writer creates (temporaries and SQLite side files included).
+        folders: Top-level folders whose whole content the writer creates (written atomically).
+        output_folders: Top-level folders that may hold files of others too: only files with
+            the listed suffixes are the writer's.
+        command: The command that writes such a folder, for messages.
+    """
+
+    name: str
+    format: str
+    files: tuple[str, ...]
+    folders: tuple[str, ...]
+    output_folders: dict[str, tuple[str, ...]]
+    command: str
+
+    @property
+    def prefix(self) -> str:
+        """The format without its version: ``ffkv_lens.run/``."""
+        return self.format.rsplit("/", 1)[0] + "/"
+
+    def owns(self, manifest: Any) -> bool:
+        """Whether a parsed manifest is of this kind."""
+        return isinstance(manifest, dict) and str(manifest.get("format", "")).startswith(self.prefix)
+
+
+_SQLITE = ("browser.sqlite", "browser.sqlite-journal", "browser.sqlite-wal", "browser.sqlite-shm")
+RUN = FolderKind(
+    name="run",
+    format="ffkv_lens.run/1",
+    files=(MANIFEST, "report.html", *_SQLITE),
+    folders=("search", "atlas", "values"),
+    output_folders={"tables": (".csv", ".json"), "figures": (".png", ".svg")},
+    command="ffkv-lens run",
+)
+COMPARISON = FolderKind(
+    name="comparison",
+    format="ffkv_lens.compare/1",
+    files=(MANIFEST, "report.html", *_SQLITE),
+    folders=(),
+    output_folders={"tables": (".csv", ".json"), "figures": (".png", ".svg")},
+    command="ffkv-lens compare",
+)
+
+
+@dataclass(frozen=True)
+class FolderClaim:
+    """What :func:`claim_folder` found.
+
+    Attributes:
+        folder: The folder.
+        state: ``"new"`` (missing or empty), ``"resume"`` (a folder of this kind) or ``"force"``
+            (a folder of this kind whose outputs ``force`` will replace).
+        manifest: The manifest found (``None`` for a new folder).
+    """
+
+    folder: Path
+    state: Literal["new", "resume", "force"]
+    manifest: dict[str, Any] | None
+
+
+def manifest_format(folder: str | os.PathLike) -> str | None:
+    """The ``format`` of ``folder/manifest.json`` (None when there is none or it has no format)."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    manifest = read_json(path)
+    return str(manifest.get("format")) if isinstance(manifest, dict) and "format" in manifest else None
+
+
+def claim_folder(folder: str | os.PathLike, kind: FolderKind, *, force: bool = False) -> FolderClaim:
+    """Check, without writing anything, that ``folder`` may become (or is) a folder of ``kind``.
+
+    Raises:
+        RunFolderError: ``folder`` is a file, or a non-empty folder that is not of ``kind``.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise RunFolderError(f"--out {str(folder)!r} is a file, not a folder; choose a new or empty folder.")
+    if not folder.exists() or not any(folder.iterdir()):
+        return FolderClaim(folder, "new", None)
+    path = folder / MANIFEST
+    manifest = read_json(path) if path.is_file() else None
+    if not kind.owns(manifest):
+        what = f"a manifest.json of format {_format_of(manifest)!r}" if path.is_file() else "no manifest.json"
+        raise RunFolderError(
+            f"--out {str(folder)!r} is not empty and is not a {kind.name} folder ({what}); nothing was changed. "
+            f"Choose a new or empty folder for `{kind.command}`."
+        )
+    return FolderClaim(folder, "force" if force else "resume", manifest)
+
+
+def _format_of(manifest: Any) -> Any:
+    return manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+
+
+def remove_outputs(folder: str | os.PathLike, kind: FolderKind) -> list[str]:
+    """Remove the entries ``kind``'s writer creates in ``folder``; returns the names of entries kept.
+
+    Only ever called on a folder :func:`claim_folder` accepted. Files of others (in the folder or in
+    its output folders) are left where they are.
+    """
+    folder = Path(folder)
+    for entry in sorted(folder.iterdir()):
+        if entry.name in kind.files and (entry.is_file() or entry.is_symlink()):
+            entry.unlink()
+        elif entry.name in kind.folders and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        elif entry.name in kind.output_folders and entry.is_dir() and not entry.is_symlink():
+            _remove_files(entry, kind.output_folders[entry.name])
+        elif _is_temporary(entry.name, kind):
+            _remove(entry)
+    kept = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir())
+    if kept:
+        log.warning("%s: kept %d entries that %s did not write: %s", folder, len(kept), kind.command, kept[:10])
+    return kept
+
+
+def _remove_files(folder: Path, suffixes: tuple[str, ...]) -> None:
+    for entry in folder.iterdir():
+        if not entry.is_file() or entry.is_symlink():
+            continue
+        temporary = entry.name.startswith(".") and entry.name.endswith(".tmp")
+        if entry.suffix in suffixes or (temporary and any(f"{s}." in entry.name for s in suffixes)):
+            entry.unlink()
+    if not any(folder.iterdir()):
+        folder.rmdir()
+
+
+def _is_temporary(name: str, kind: FolderKind) -> bool:
+    """A temporary of an atomic write of one of ``kind``'s entries (``.NAME.<random>.tmp`` / ``.old``)."""
+    owned = (*kind.files, *kind.folders)
+    return name.startswith(".") and name.endswith((".tmp", ".old")) and any(name.startswith(f".{o}.") for o in owned)
+
+
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry)
+    else:
+        entry.unlink()
