@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ffkv_lens.errors import FfkvLensError
+from ffkv_lens.errors import DiskFullError, FfkvLensError
 from ffkv_lens.storage.diskfull import disk_full_error, folder_bytes, is_disk_full
 from ffkv_lens.storage.swap import fsync_dir, fsync_tree, remove_tree, swap_in
 from ffkv_lens.storage.sweep import claim, sweep
@@ -133,7 +133,7 @@ def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException as exc:
         written = folder_bytes(tmp)
         _undo(target, tmp, old)
-        if isinstance(exc, Exception) and is_disk_full(exc):
+        if isinstance(exc, Exception) and not isinstance(exc, DiskFullError) and is_disk_full(exc):
             raise disk_full_error(target, written, at_least=True) from exc
         raise
     finally:
