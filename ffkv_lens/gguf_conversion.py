@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ffkv_lens.errors import ModelConversionError
+from ffkv_lens.storage.diskfull import disk_full_error, free_bytes, is_disk_full
 
 __all__ = ["convert_into"]
 
@@ -31,7 +32,7 @@ def convert_into(entry: Any, gguf_path: Path, out: Path) -> None:
     model = _rebuild_plain(quantised)
     del quantised
     _check_prediction(entry, model, tokenizer)
-    _save(model, tokenizer, out)
+    _save(model, tokenizer, out, slot=out.parent / entry.name)
 
 
 def _rebuild_plain(quantised: Any) -> Any:
@@ -72,6 +73,27 @@ def _check_prediction(entry: Any, model: Any, tokenizer: Any) -> None:
     logger.info("Check passed: %r -> %r", entry.check_prompt, got)
 
 
-def _save(model: Any, tokenizer: Any, out: Path) -> None:
-    model.save_pretrained(out)  # safetensors
-    tokenizer.save_pretrained(out)
+def _save(model: Any, tokenizer: Any, out: Path, slot: Path) -> None:
+    """Save model (safetensors) and tokenizer into ``out``, refusing early when they cannot fit.
+
+    Args:
+        model: The plain float32 model.
+        tokenizer: Its tokenizer.
+        out: The (temporary) folder to save into.
+        slot: The cache folder ``out`` becomes, named in a disk-full error.
+
+    Raises:
+        DiskFullError: If the filesystem holding ``out`` has less free space than the weights
+            need, or fills up while saving.
+    """
+    needed = sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
+    free = free_bytes(out)
+    if free is not None and free < needed:
+        raise disk_full_error(slot, needed)
+    try:
+        model.save_pretrained(out)  # safetensors
+        tokenizer.save_pretrained(out)
+    except Exception as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(slot, needed, at_least=True) from exc
+        raise

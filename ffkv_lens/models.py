@@ -3,8 +3,11 @@
 Each embedded model ships as a quantised GGUF file inside a Python package. On first use it
 is dequantised once (to float32) into a plain Hugging Face folder under
 ``$FFKV_LENS_CACHE/models/<name>/`` (default ``~/.cache/ffkv_lens``), which later calls reuse.
-Conversion is atomic and safe across processes: a temporary folder gets a completion marker
-and is renamed into place under a file lock; a folder without the marker is never used.
+Conversion is atomic and safe across processes: it is written with
+:func:`ffkv_lens.storage.atomic_folder` under a file lock, with a completion marker written last
+that records the model name, the source GGUF (path, size, mtime, sha256), the converter format
+and the package versions. Every load checks the marker against the installed GGUF and converts
+again when they differ; a slot holding anything else is refused, never deleted.
 The weights are 4-bit quantised originals: numbers differ slightly from full-precision releases.
 
 Example:
@@ -18,23 +21,29 @@ Example:
 import contextlib
 import dataclasses
 import importlib
+import importlib.metadata
 import importlib.util
-import json
 import logging
 import os
 import re
-import shutil
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from ffkv_lens.errors import ConfigError, FfkvLensError, ModelConversionError, ModelNotAvailableError
 from ffkv_lens.gguf_conversion import convert_into as _convert_into
+from ffkv_lens.model_marker import CACHE_ENV_VAR, MARKER_NAME
+from ffkv_lens.model_marker import foreign_slot_error as _foreign_slot_error
+from ffkv_lens.model_marker import installed_version as _installed_version
+from ffkv_lens.model_marker import read_marker as _read_marker
+from ffkv_lens.model_marker import source_matches as _source_matches
+from ffkv_lens.model_marker import write_marker as _write_marker
+from ffkv_lens.storage import atomic_folder
+from ffkv_lens.storage.diskfull import is_disk_full
 
 __all__ = [
     "CACHE_ENV_VAR",
+    "MARKER_NAME",
     "EmbeddedModel",
     "ModelStatus",
     "cache_dir",
@@ -46,10 +55,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CACHE_ENV_VAR = "FFKV_LENS_CACHE"
-MARKER_NAME = "ffkv_lens_complete.json"
-# Bump when the conversion changes: folders with another format are converted again.
-_FORMAT_VERSION = 1
+# The converter version: bump when the conversion changes; folders with another one are converted again.
+_FORMAT_VERSION = 2
 # "name" or "org/name" as on the Hugging Face hub; anything else is taken as a local path.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
@@ -166,12 +173,41 @@ def _converted_folder(name: str) -> Path:
     return cache_dir() / "models" / name
 
 
-def _is_complete(folder: Path) -> bool:
-    try:
-        marker = json.loads((folder / MARKER_NAME).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(marker, dict) and marker.get("format") == _FORMAT_VERSION and (folder / "config.json").is_file()
+def _stale_reason(entry: EmbeddedModel, folder: Path, *, locate: bool = True) -> str | None:
+    """Why the slot of ``entry`` must be converted (again), or ``None`` when it can be loaded.
+
+    Args:
+        entry: The embedded model.
+        folder: Its cache slot.
+        locate: Find the installed GGUF file when the recorded path is gone (may assemble it).
+
+    Raises:
+        ModelConversionError: If the slot holds another model's conversion or a folder ffkv_lens
+            did not write.
+    """
+    marker = _read_marker(folder)
+    if marker is None:
+        return "not converted yet"
+    if marker.get("name") not in (None, entry.name):
+        raise _foreign_slot_error(folder, f"holds a conversion of {marker.get('name')!r}, not of {entry.name!r}")
+    source = marker.get("source")
+    if marker.get("format") != _FORMAT_VERSION or not isinstance(source, dict) or "mtime_ns" not in source:
+        return f"it was written by converter format {marker.get('format')!r}, this one writes {_FORMAT_VERSION}"
+    if not (folder / "config.json").is_file():
+        return "its config.json is missing"
+    installed = _installed_version(entry.distribution)
+    recorded = (marker.get("versions") or {}).get(entry.distribution)
+    if installed is not None and installed != recorded:
+        return f"{entry.distribution} is now {installed}, the conversion is of {recorded}"
+    gguf_path = Path(str(source.get("path")))
+    if locate and installed is not None and (entry.assembler is None or not gguf_path.is_file()):
+        gguf_path = _locate_gguf(entry)  # the installed file; a split one is assembled only when missing
+    if not gguf_path.is_file():
+        logger.warning("Cannot check %s against its source %s (not found): using it as converted", folder, gguf_path)
+        return None
+    if not _source_matches(source, gguf_path):
+        return f"its source {gguf_path} changed since the conversion (size, mtime and sha256 differ)"
+    return None
 
 
 def model_status(name: str) -> ModelStatus:
@@ -192,11 +228,18 @@ def model_status(name: str) -> ModelStatus:
         name=name,
         description=entry.description,
         installed=importlib.util.find_spec(entry.package) is not None,
-        converted=_is_complete(folder),
+        converted=_converted(entry, folder),
         folder=folder,
         pip_command=entry.pip_command,
         license_note=entry.license_note,
     )
+
+
+def _converted(entry: EmbeddedModel, folder: Path) -> bool:
+    try:
+        return _stale_reason(entry, folder, locate=False) is None
+    except FfkvLensError:
+        return False
 
 
 def _locate_gguf(entry: EmbeddedModel) -> Path:
@@ -245,19 +288,22 @@ def convert_model(name: str, *, force: bool = False) -> Path:
     Raises:
         ConfigError: If ``name`` is not an embedded model.
         ModelNotAvailableError: If the package holding the GGUF file is not installed.
-        ModelConversionError: If dequantising, saving or the prediction check fails.
+        ModelConversionError: If dequantising, saving or the prediction check fails, or the
+            cache slot holds another model's conversion or a folder ffkv_lens did not write.
+        DiskFullError: If the cache's filesystem is full (nothing half-written is kept).
     """
     entry = _entry(name)
     target = _converted_folder(name)
-    if not force and _is_complete(target):
+    if not force and _stale_reason(entry, target) is None:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(target.parent / f"{name}.lock"):
-        if not force and _is_complete(target):
+        reason = "forced" if force else _stale_reason(entry, target)
+        if reason is None:
             logger.info("Using %s, converted meanwhile by another process", target)
             return target
-        _discard_leftovers(target)
         gguf_path = _locate_gguf(entry)
+        logger.info("Converting %s into %s: %s", name, target, reason)
         _convert_atomically(entry, gguf_path, target)
     return target
 
@@ -283,90 +329,25 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def _discard_leftovers(target: Path) -> None:
-    """Remove what killed conversions left behind; call only while holding the lock."""
-    for leftover in target.parent.glob(f".{target.name}.*"):
-        logger.info("Removing %s, left by an interrupted conversion", leftover)
-        shutil.rmtree(leftover, ignore_errors=True)
-    if target.exists() and not _is_complete(target):
-        logger.warning("Removing %s: it has no completion marker, so it is not a finished conversion", target)
-        if target.is_dir():
-            shutil.rmtree(target)
-        else:
-            target.unlink()
-
-
 def _convert_atomically(entry: EmbeddedModel, gguf_path: Path, target: Path) -> None:
-    """Convert into a temporary sibling of ``target``, mark it complete, rename it into place."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    """Convert into an :func:`atomic_folder` at ``target``, the completion marker written last."""
     start = time.perf_counter()
     logger.info("Converting %s from %s into %s (one time only, about a minute)", entry.name, gguf_path, target)
-    try:
+    with atomic_folder(target) as tmp:
         try:
             _convert_into(entry, gguf_path, tmp)
         except FfkvLensError:
             raise
         except Exception as exc:
+            if is_disk_full(exc):
+                raise  # atomic_folder turns it into a DiskFullError naming the cache and its free space
             raise ModelConversionError(
                 f"Converting {entry.name!r} from {gguf_path} failed: {type(exc).__name__}: {exc}. Fix that cause "
-                "(free disk space, install the 'gguf' package, ...) and call again; nothing half-written is kept. "
+                "(install the 'gguf' package, ...) and call again; nothing half-written is kept. "
                 f"If the GGUF file itself is damaged, reinstall it: {entry.pip_command} --force-reinstall"
             ) from exc
-        _write_marker(tmp, entry, gguf_path, time.perf_counter() - start)
-        _finalise_folder(tmp)
-        _move_into_place(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _write_marker(tmp, entry, gguf_path, time.perf_counter() - start, _FORMAT_VERSION)
     logger.info("Converted %s in %.1f s", entry.name, time.perf_counter() - start)
-
-
-def _move_into_place(tmp: Path, target: Path) -> None:
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():  # force=True: set the previous conversion aside first
-        os.rename(target, old)
-    os.rename(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-    _fsync_path(target.parent)
-
-
-def _fsync_path(path: Path) -> None:
-    if os.name == "posix":  # directories cannot be opened for fsync elsewhere
-        descriptor = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-
-
-def _finalise_folder(folder: Path) -> None:
-    """Flush ``folder`` to disk and give it the usual permissions (``mkdtemp`` makes it private)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    for path in [*folder.iterdir(), folder]:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-        _fsync_path(path)
-
-
-def _write_marker(folder: Path, entry: EmbeddedModel, gguf_path: Path, seconds: float) -> None:
-    import importlib.metadata
-
-    stat = gguf_path.stat()
-    versions = {}
-    for distribution in ("ffkv-lens", "transformers", "torch", "gguf", entry.distribution):
-        try:
-            versions[distribution] = importlib.metadata.version(distribution)
-        except importlib.metadata.PackageNotFoundError:  # e.g. ffkv_lens run from a source checkout
-            versions[distribution] = getattr(sys.modules.get(distribution.replace("-", "_")), "__version__", None)
-    marker = {
-        "format": _FORMAT_VERSION,
-        "name": entry.name,
-        "source": {"path": str(gguf_path), "size": stat.st_size, "mtime": stat.st_mtime},
-        "versions": versions,
-        "seconds": round(seconds, 1),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    (folder / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n")
 
 
 def resolve_model(name_or_path: str | os.PathLike[str]) -> str:

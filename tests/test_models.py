@@ -5,6 +5,8 @@ real embedded models (the real-model ones use the default cache so later runs re
 """
 
 import dataclasses
+import errno
+import hashlib
 import json
 import multiprocessing
 import os
@@ -16,7 +18,8 @@ import pytest
 import torch
 
 from ffkv_lens import models
-from ffkv_lens.errors import ConfigError, ModelConversionError, ModelNotAvailableError
+from ffkv_lens.errors import ConfigError, DiskFullError, ModelConversionError, ModelNotAvailableError
+from ffkv_lens.storage.diskfull import format_bytes
 
 SMOL = "smollm2-135m"
 GEMMA = "gemma3-270m"
@@ -182,10 +185,10 @@ def test_conversion_writes_marker(fake_conversion: Path) -> None:
 def test_failed_conversion_leaves_no_complete_folder(fake_conversion: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def save_then_fail(entry: models.EmbeddedModel, gguf_path: Path, out: Path) -> None:
         _fake_convert(entry, gguf_path, out)
-        raise OSError("No space left on device")
+        raise RuntimeError("tensor blk.3 has an unknown quantisation")
 
     monkeypatch.setattr(models, "_convert_into", save_then_fail)
-    with pytest.raises(ModelConversionError, match="No space left on device"):
+    with pytest.raises(ModelConversionError, match="unknown quantisation"):
         models.resolve_model(SMOL)
     assert not (fake_conversion / "models" / SMOL).exists()
     assert _leftovers(fake_conversion, SMOL) == []
@@ -195,13 +198,122 @@ def test_failed_conversion_leaves_no_complete_folder(fake_conversion: Path, monk
     assert Path(models.resolve_model(SMOL)).joinpath(models.MARKER_NAME).is_file()
 
 
-def test_folder_without_marker_is_converted_again(fake_conversion: Path) -> None:
+def test_disk_full_conversion_is_one_line_error(fake_conversion: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def save_then_fill(entry: models.EmbeddedModel, gguf_path: Path, out: Path) -> None:
+        _fake_convert(entry, gguf_path, out)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(models, "_convert_into", save_then_fill)
+    with pytest.raises(DiskFullError) as info:
+        models.resolve_model(SMOL)
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(fake_conversion / "models" / SMOL) in message and "free there" in message and "needed" in message
+    assert sorted(p.name for p in (fake_conversion / "models").iterdir()) == [f"{SMOL}.lock"]
+
+
+def test_save_refuses_early_when_the_weights_cannot_fit(tiny_folder, tmp_path: Path, monkeypatch) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ffkv_lens import gguf_conversion
+
+    folder = tiny_folder("llama")
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    needed = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    monkeypatch.setattr(gguf_conversion, "free_bytes", lambda path: needed - 1)
+    out = tmp_path / f".{SMOL}.0123456789abcdef.tmp"
+    out.mkdir()
+    with pytest.raises(DiskFullError, match=f"{format_bytes(needed)} needed") as info:
+        gguf_conversion._save(model, tokenizer, out, slot=tmp_path / SMOL)
+    assert str(tmp_path / SMOL) in str(info.value)
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["no-marker", "other-model", "a-file"])
+def test_slot_we_did_not_write_for_this_model_is_refused_and_kept(kind: str, fake_conversion: Path) -> None:
     target = fake_conversion / "models" / SMOL
-    target.mkdir(parents=True)
-    (target / "config.json").write_text("{}")  # looks like a model folder, but has no marker
+    target.parent.mkdir(parents=True)
+    if kind == "a-file":
+        target.write_text("a user's file")
+    else:
+        target.mkdir()
+        (target / "config.json").write_text("{}")  # looks like a model folder
+        if kind == "other-model":
+            models.convert_model(GEMMA)
+            (target / models.MARKER_NAME).write_bytes(
+                (fake_conversion / "models" / GEMMA / models.MARKER_NAME).read_bytes()
+            )
+    before = {p: p.read_bytes() for p in ([target] if target.is_file() else target.iterdir())}
     assert not models.model_status(SMOL).converted
-    assert models.resolve_model(SMOL) == str(target)
-    assert (target / models.MARKER_NAME).is_file()
+    with pytest.raises(ModelConversionError, match="will not replace it") as info:
+        models.resolve_model(SMOL)
+    assert "\n" not in str(info.value) and str(target) in str(info.value)
+    assert {p: p.read_bytes() for p in ([target] if target.is_file() else target.iterdir())} == before
+
+
+def _counting_convert(counter: list[str]):
+    def convert(entry: models.EmbeddedModel, gguf_path: Path, out: Path) -> None:
+        _fake_convert(entry, gguf_path, out)
+        counter.append(entry.name)
+
+    return convert
+
+
+def _fixed_gguf(cache: Path, content: bytes):
+    """A fake GGUF file written once (``_fake_locate`` rewrites it on every call)."""
+    path = cache.parent / "fixed.gguf"
+    path.write_bytes(content)
+    return lambda entry: path
+
+
+def test_marker_records_source_and_versions(fake_conversion: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(models, "_locate_gguf", _fixed_gguf(fake_conversion, b"GGUF one"))
+    marker = json.loads((models.convert_model(SMOL) / models.MARKER_NAME).read_text())
+    source = Path(marker["source"]["path"])
+    assert marker["format"] == models._FORMAT_VERSION and marker["name"] == SMOL
+    assert marker["source"]["size"] == 8 and marker["source"]["mtime_ns"] == source.stat().st_mtime_ns
+    assert marker["source"]["sha256"] == hashlib.sha256(b"GGUF one").hexdigest()
+    assert marker["versions"][models._REGISTRY[SMOL].distribution] is not None
+
+
+@pytest.mark.parametrize("change", ["old-marker", "damaged-marker", "source-replaced", "package-upgraded"])
+def test_stale_conversion_is_converted_again(change: str, fake_conversion: Path, monkeypatch) -> None:
+    conversions: list[str] = []
+    monkeypatch.setattr(models, "_convert_into", _counting_convert(conversions))
+    monkeypatch.setattr(models, "_locate_gguf", _fixed_gguf(fake_conversion, b"GGUF one"))
+    folder = models.convert_model(SMOL)
+    marker_path = folder / models.MARKER_NAME
+    assert models.convert_model(SMOL) == folder and conversions == [SMOL]  # a valid slot is reused
+    if change == "old-marker":  # the format-1 marker: size and float mtime, no sha256
+        marker = json.loads(marker_path.read_text())
+        marker.update(format=1, source={"path": marker["source"]["path"], "size": 8, "mtime": 1.0})
+        marker_path.write_text(json.dumps(marker))
+    elif change == "damaged-marker":
+        marker_path.write_text('{"format": 2, "na')
+    elif change == "source-replaced":
+        monkeypatch.setattr(models, "_locate_gguf", _fixed_gguf(fake_conversion, b"GGUF two, longer"))
+    else:
+        monkeypatch.setattr(models, "_installed_version", lambda distribution: "999.0")
+    assert not models.model_status(SMOL).converted
+    assert models.convert_model(SMOL) == folder
+    assert conversions == [SMOL, SMOL]
+    assert json.loads(marker_path.read_text())["format"] == models._FORMAT_VERSION
+    assert _leftovers(fake_conversion, SMOL) == []
+
+
+def test_touched_source_with_same_content_is_not_converted_again(fake_conversion: Path, monkeypatch) -> None:
+    conversions: list[str] = []
+    monkeypatch.setattr(models, "_convert_into", _counting_convert(conversions))
+    locate = _fixed_gguf(fake_conversion, b"GGUF one")
+    monkeypatch.setattr(models, "_locate_gguf", locate)
+    models.convert_model(SMOL)
+    source = locate(None)
+    os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))  # e.g. a reinstall
+    assert models.convert_model(SMOL) == fake_conversion / "models" / SMOL
+    assert conversions == [SMOL]
+    source.write_bytes(b"GGUF 1ne")  # same size, other content
+    models.convert_model(SMOL)
+    assert conversions == [SMOL, SMOL]
 
 
 def test_force_replaces_a_complete_folder(fake_conversion: Path) -> None:
@@ -228,7 +340,8 @@ def test_killed_conversion_is_ignored_then_redone(fresh_cache: Path, tmp_path: P
     os.kill(child.pid, signal.SIGKILL)
     child.join(CHILD_TIMEOUT_S)
 
-    assert len(_leftovers(fresh_cache, SMOL)) == 1  # its half-written temporary folder
+    # its half-written temporary folder and the lock file that shows it belongs to a dead save
+    assert sorted(p.suffix for p in _leftovers(fresh_cache, SMOL)) == [".lock", ".tmp"]
     assert not models.model_status(SMOL).converted
     # The dead child's lock is released: converting again in another process finishes.
     with context.Pool(1) as pool:

@@ -1,9 +1,13 @@
 """Atomic writes: a reader (or a later run) never sees a half-written file or folder.
 
 Files are written to a temporary name in the same folder, flushed to disk and renamed over
-the target (``os.replace`` is atomic on POSIX). Folders are built under a temporary name and
-swapped in with a rename; an older folder at the target is moved aside first and removed
-after the swap.
+the target (``os.replace`` is atomic on POSIX). Folders are built under a temporary name,
+every file and folder in it is flushed, and it is swapped in place of the target with an
+atomic exchange where the OS has one (Linux ``renameat2``), so the target is at every instant
+the complete old folder or the complete new one (see :mod:`ffkv_lens.storage.swap` for the
+fallback). Temporaries of killed saves are swept by the next save (:mod:`ffkv_lens.storage.sweep`).
+A write that runs out of space raises :class:`~ffkv_lens.errors.DiskFullError` and leaves
+no temporary behind.
 
 Example:
     >>> import tempfile, pathlib
@@ -17,24 +21,17 @@ Example:
 import contextlib
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ffkv_lens.errors import FfkvLensError
+from ffkv_lens.errors import DiskFullError, FfkvLensError
+from ffkv_lens.storage.diskfull import disk_full_error, folder_bytes, is_disk_full
+from ffkv_lens.storage.swap import fsync_dir, fsync_tree, remove_tree, swap_in
+from ffkv_lens.storage.sweep import claim, sweep
 
-__all__ = ["atomic_folder", "atomic_write_bytes", "atomic_write_json", "read_json"]
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+__all__ = ["atomic_folder", "atomic_write_bytes", "atomic_write_json", "read_json", "recover_folder"]
 
 
 def _umask() -> int:
@@ -59,11 +56,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, Exception) and is_disk_full(exc):
+            raise disk_full_error(path, len(data)) from exc
         raise
-    _fsync_dir(path.parent)
+    with contextlib.suppress(OSError):
+        fsync_dir(path.parent)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -82,32 +82,67 @@ def read_json(path: str | os.PathLike) -> Any:
         raise FfkvLensError(f"{path} is not valid JSON ({err}); the file is damaged.") from None
 
 
+def recover_folder(target: str | os.PathLike) -> Path:
+    """Sweep the temporaries of killed saves of ``target`` and restore it if one died mid-swap.
+
+    Only needed where the atomic exchange is unavailable (then a save killed between its two
+    renames leaves ``target`` missing and its previous folder at ``.NAME.<token>.old``); every
+    :func:`atomic_folder` save of ``target`` does this first. Live saves are left alone.
+
+    Args:
+        target: The folder a reader is about to open.
+
+    Returns:
+        ``target``.
+    """
+    target = Path(target)
+    sweep(target)
+    return target
+
+
 @contextlib.contextmanager
 def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
-    """Build a folder under a temporary name and move it to ``target`` when the block ends.
+    """Build a folder under a temporary name and swap it in at ``target`` when the block ends.
 
-    If the block raises, the temporary folder is removed and ``target`` is untouched.
+    Before the swap every file and folder written is fsynced; the swap is atomic where the OS
+    has an exchange (Linux), so ``target`` is always a complete folder, the old or the new one.
+    If the block raises, the temporary folder is removed and ``target`` is untouched. A save
+    killed at any point leaves temporaries that the next save of ``target`` removes.
 
     Args:
         target: Final path of the folder (replaced if it exists).
 
     Yields:
         The temporary folder to write into.
+
+    Raises:
+        DiskFullError: If the filesystem or quota is full (nothing is left behind).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    tmp.chmod(0o777 & ~_umask())  # an ordinary folder's permissions, not mkdtemp's private 0o700
+    sweep(target)
+    save = claim(target)
+    tmp, old = save.sibling("tmp"), save.sibling("old")
     try:
+        os.mkdir(tmp, 0o777)  # an ordinary folder's permissions (the umask applies)
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        fsync_tree(tmp)
+        previous = swap_in(tmp, target, old)
+        if previous is not None:
+            remove_tree(previous)
+    except BaseException as exc:
+        written = folder_bytes(tmp)
+        _undo(target, tmp, old)
+        if isinstance(exc, Exception) and not isinstance(exc, DiskFullError) and is_disk_full(exc):
+            raise disk_full_error(target, written, at_least=True) from exc
         raise
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-        os.replace(target, old / "previous")
-    os.replace(tmp, target)
-    _fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        save.release()
+
+
+def _undo(target: Path, tmp: Path, old: Path) -> None:
+    """After a failed save: put the previous folder back if it was moved aside, drop the rest."""
+    if not os.path.lexists(target) and old.is_dir():
+        os.rename(old, target)
+    remove_tree(tmp)
+    remove_tree(old)
