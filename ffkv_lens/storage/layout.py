@@ -174,9 +174,13 @@ def _remove_files(folder: Path, suffixes: tuple[str, ...]) -> None:
 
 
 def _is_temporary(name: str, kind: FolderKind) -> bool:
-    """A temporary of an atomic write of one of ``kind``'s entries (``.NAME.<random>.tmp`` / ``.old``)."""
+    """A temporary or lock file of an atomic write of one of ``kind``'s entries (``.NAME.<random>.tmp|.old|.lock``)."""
     owned = (*kind.files, *kind.folders)
-    return name.startswith(".") and name.endswith((".tmp", ".old")) and any(name.startswith(f".{o}.") for o in owned)
+    return (
+        name.startswith(".")
+        and name.endswith((".tmp", ".old", ".lock"))
+        and any(name.startswith(f".{o}.") for o in owned)
+    )
 
 
 def _remove(entry: Path) -> None:
