@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 from ffkv_lens.errors import ConfigError, FfkvLensError, RunFolderError
 from ffkv_lens.storage import atomic_write_bytes, atomic_write_json, read_json
+from ffkv_lens.storage.layout import RUN, FolderClaim, claim_folder, remove_outputs
 
 __all__ = ["STEPS", "RunConfig", "run_study"]
 
@@ -130,36 +131,43 @@ def open_corpus(spec: str) -> Any:
 class _Run:
     """A run folder: its manifest and the bookkeeping of steps."""
 
-    def __init__(self, folder: Path, config: RunConfig, force: bool, writer: bool = True) -> None:
-        self.folder, self.config, self.writer = folder, config, writer
-        manifest_path = folder / "manifest.json"
-        if not writer:  # another rank of a distributed run: read what rank 0 prepared, write nothing
-            self.manifest = read_json(manifest_path)
-            return
-        if manifest_path.exists():
-            old = read_json(manifest_path)
-            if force:
-                shutil.rmtree(folder)
-            elif old.get("status") == "finished":
+    def __init__(self, folder: Path, config: RunConfig, manifest: dict[str, Any], writer: bool = True) -> None:
+        self.folder, self.config, self.manifest, self.writer = folder, config, manifest, writer
+
+    @classmethod
+    def claim(cls, folder: Path, config: RunConfig, force: bool) -> FolderClaim:
+        """Decide, writing nothing, whether ``folder`` may hold this run (refusals come before any loading)."""
+        claim = claim_folder(folder, RUN, force=force)
+        if claim.state == "resume":
+            if claim.manifest.get("status") == "finished" and "report" in claim.manifest.get("steps", {}):
                 raise RunFolderError(f"{folder} holds a finished run; pass --force (force=True) to redo it.")
-            else:
-                _check_same(old.get("identity", {}), config.results_identity(), folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.manifest = read_json(manifest_path) if manifest_path.exists() else self._fresh_manifest()
-        self.save()
+            _check_same(claim.manifest.get("identity", {}), config.results_identity(), folder)
+        return claim
 
-    def _fresh_manifest(self) -> dict[str, Any]:
-        from ffkv_lens.analysis.triggers import library_versions
+    @classmethod
+    def open(cls, claim: FolderClaim, config: RunConfig, corpus: Any, lens: Any) -> "_Run":
+        """Rank 0, once the corpus and model are known to be good: create, replace or resume the folder."""
+        folder = claim.folder
+        if claim.state == "resume":
+            _check_inputs(claim.manifest, corpus, lens, folder)
+            run = cls(folder, config, claim.manifest)
+        else:
+            if claim.state == "force":
+                kept = remove_outputs(folder, RUN)
+                if kept:
+                    log.info("--force kept %d files that ffkv-lens did not write in %s", len(kept), folder)
+            folder.mkdir(parents=True, exist_ok=True)
+            run = cls(folder, config, _fresh_manifest(config))
+        run.manifest["model"] = {**lens.adapter.describe(), "weights_fingerprint": lens.adapter.weights_fingerprint()}
+        run.manifest["layout"] = {"n_layers": lens.n_layers, "d_mlp": lens.d_mlp, "d_vocab": lens.d_vocab}
+        run.manifest["corpus"] = corpus.describe()
+        run.save()
+        return run
 
-        return {
-            "format": "ffkv_lens.run/1",
-            "status": "running",
-            "config": asdict(self.config),
-            "identity": self.config.results_identity(),
-            "steps": {},
-            "versions": library_versions(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
+    @classmethod
+    def follow(cls, folder: Path, config: RunConfig) -> "_Run":
+        """Another rank of a distributed run: read what rank 0 prepared, write nothing."""
+        return cls(folder, config, read_json(folder / "manifest.json"), writer=False)
 
     def save(self) -> None:
         if self.writer:
@@ -180,6 +188,20 @@ class _Run:
         say(f"{name}: done in {seconds:.0f} s")
 
 
+def _fresh_manifest(config: RunConfig) -> dict[str, Any]:
+    from ffkv_lens.analysis.triggers import library_versions
+
+    return {
+        "format": RUN.format,
+        "status": "running",
+        "config": asdict(config),
+        "identity": config.results_identity(),
+        "steps": {},
+        "versions": library_versions(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
 def _check_same(old: dict[str, Any], new: dict[str, Any], folder: Path) -> None:
     diffs = [
         f"{key}: folder {old.get(key)!r} vs now {new.get(key)!r}" for key in sorted(new) if old.get(key) != new.get(key)
@@ -188,6 +210,29 @@ def _check_same(old: dict[str, Any], new: dict[str, Any], folder: Path) -> None:
         raise RunFolderError(
             f"{folder} holds an unfinished run with other settings ({'; '.join(diffs)}). Resume it with the "
             "same settings, choose another --out, or pass --force to start over."
+        )
+
+
+def _check_inputs(manifest: dict[str, Any], corpus: Any, lens: Any, folder: Path) -> None:
+    """A resumed run must read the same text with the same weights as the run it continues."""
+    old_corpus = (manifest.get("corpus") or {}).get("fingerprint")
+    if old_corpus is not None and old_corpus != corpus.fingerprint():
+        raise RunFolderError(
+            f"{folder} was started on a corpus with fingerprint {old_corpus}, but the corpus now has "
+            f"{corpus.fingerprint()} (its files changed). Restore the text, choose another --out, or pass --force."
+        )
+    old = manifest.get("model") or {}
+    described = lens.adapter.describe()
+    if old.get("hf_architecture") not in (None, described.get("hf_architecture")):
+        raise RunFolderError(
+            f"{folder} was made with {old.get('model_name')!r}; this model is {described['model_name']!r}. "
+            "Choose another --out, or pass --force to start over."
+        )
+    old_weights = old.get("weights_fingerprint")
+    if old_weights is not None and old_weights != lens.adapter.weights_fingerprint():
+        raise RunFolderError(
+            f"{folder} was started with weights of fingerprint {old_weights}, but {described['model_name']!r} now "
+            "has other weights (the model or its package changed). Choose another --out, or pass --force."
         )
 
 
@@ -241,19 +286,21 @@ def run_study(
     here, device = init_from_env(config.device)
     if not here.is_main:
         say = _silent
-    run = _on_main_first(here, lambda: _Run(Path(out), config, force), lambda: _Run(Path(out), config, force, False))
-    corpus = open_corpus(config.corpus)
+    folder = Path(out)
+    # Nothing is written before the folder, the corpus and the model have all been checked.
+    claim = _on_main_first(here, lambda: _Run.claim(folder, config, force), lambda: None)
+    corpus = open_corpus(config.corpus, config.encoding_errors)
+    corpus.check_not_empty()
     lens = MemoryLens(load_model(config.model, device=device, dtype=getattr(torch, config.dtype)))
-    _check_model(run, lens)
+    run = _on_main_first(here, lambda: _Run.open(claim, config, corpus, lens), lambda: _Run.follow(folder, config))
     run.manifest["distributed"] = here.describe()
     with torch.no_grad():
         if not run.done("triggers"):
-            say(_estimate(lens, config))
+            from ffkv_lens.estimates import describe_estimates
+
+            for line in describe_estimates(lens, corpus, config):
+                say(line)
         _run_steps(run, lens, corpus, progress and here.is_main, say, here)
-    if here.is_main:
-        run.manifest["status"] = "finished"
-        run.manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        run.save()
     return run.folder
 
 
@@ -281,36 +328,6 @@ def _on_main_first(here: Any, main: Callable[[], Any], others: Callable[[], Any]
     return result if here.is_main else others()
 
 
-def _check_model(run: _Run, lens: Any) -> None:
-    described = lens.adapter.describe()
-    old = run.manifest.get("model")
-    if old is not None and old.get("hf_architecture") != described.get("hf_architecture"):
-        raise RunFolderError(
-            f"{run.folder} was made with {old.get('model_name')!r}; this model is {described['model_name']!r}."
-        )
-    run.manifest["model"] = described
-    run.manifest["layout"] = {"n_layers": lens.n_layers, "d_mlp": lens.d_mlp, "d_vocab": lens.d_vocab}
-    run.save()
-
-
-def _estimate(lens: Any, config: RunConfig) -> str:
-    """Time one forward pass and extrapolate the trigger search (the longest step)."""
-    import torch
-
-    tokens = torch.randint(0, lens.d_vocab, (max(1, config.batch_tokens // 128), 128), device=lens.adapter.device)
-    lens.coefficients(tokens[:1, :16])  # warm-up
-    start = time.perf_counter()
-    lens.coefficients(tokens)
-    rate = tokens.numel() / (time.perf_counter() - start)
-    if config.max_tokens is None:
-        return f"forward pass: {rate:,.0f} tokens/s; the whole corpus will take about its tokens / {rate:,.0f} seconds"
-    minutes = config.max_tokens / rate / 60
-    return (
-        f"forward pass: {rate:,.0f} tokens/s; trigger search over {config.max_tokens:,} tokens: about "
-        f"{minutes:.1f} min; the other analyses take about as long again (see docs/performance.md)"
-    )
-
-
 def _run_steps(run: _Run, lens: Any, corpus: Any, progress: bool, say: Callable[[str], None], here: Any) -> None:
     from ffkv_lens.analysis.agreement import agreement_targets, value_agreement
     from ffkv_lens.analysis.atlas import TriggerAtlas
@@ -320,7 +337,6 @@ def _run_steps(run: _Run, lens: Any, corpus: Any, progress: bool, say: Callable[
     from ffkv_lens.report import write_report
 
     c, folder = run.config, run.folder
-    run.manifest["corpus"] = corpus.describe()
 
     def triggers() -> dict[str, Any]:
         atlas = lens.search_triggers(
@@ -349,6 +365,8 @@ def _run_steps(run: _Run, lens: Any, corpus: Any, progress: bool, say: Callable[
         return _write_result(run, "dynamics", result, tables) if here.is_main else {}
 
     run.step("triggers", triggers, say)
+    if here.is_main and (folder / "search").exists():  # the atlas is saved and recorded: the checkpoint is spent
+        shutil.rmtree(folder / "search")
     projection = None
     if here.is_main:  # the values are rank 0's alone; the other ranks go on to the shared dynamics
         run.step("values", values, say)
@@ -379,7 +397,20 @@ def _run_steps(run: _Run, lens: Any, corpus: Any, progress: bool, say: Callable[
     run.step("agreement", agreement, say)
     run.step("mutation", mutation, say)
     run.step("figures", lambda: write_figures(folder, lens.n_layers), say)
-    run.step("report", lambda: {"path": str(write_report(folder))}, say)
+    run.step("report", lambda: _finish(run, write_report), say)
+
+
+def _finish(run: _Run, write_report: Callable[[Path], Path]) -> dict[str, Any]:
+    """The last step: the run is recorded as finished first, so that its report says so."""
+    run.manifest.update(status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    run.save()
+    try:
+        return {"path": str(write_report(run.folder))}
+    except BaseException:
+        run.manifest["status"] = "running"
+        run.manifest.pop("finished")
+        run.save()
+        raise
 
 
 # figure name -> (plot function of ffkv_lens.report, the table it is drawn from)

@@ -97,3 +97,108 @@ def test_tables_round_trip_tokens_with_carriage_returns_and_commas(tmp_path) -> 
     back = pd.read_csv(tmp_path / "t.csv")
     assert len(back) == 5 and back["token"].tolist()[:3] == ["\r", "a,b", '"q"'] and back["token"].isna()[3]
     assert back["token"][4] == "\n" and back["rate"].isna().tolist() == [False, True, False, False, False]
+
+
+# -- the run folder is the user's too: refusals, --force, validated inputs -------------------------
+def _finished_run(tiny_folder, corpus_file, root):
+    return run_study(_config(str(tiny_folder("gpt2")), corpus_file), root / "run", progress=False)
+
+
+def _tree(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_force_removes_only_what_a_run_writes(tiny_folder, corpus_file, tmp_path) -> None:
+    folder = _finished_run(tiny_folder, corpus_file, tmp_path)
+    assert not (folder / "search").exists(), "a finished run keeps no search checkpoint"
+    (folder / "notes.md").write_text("mine")
+    (folder / "mine").mkdir()
+    (folder / "mine" / "data.csv").write_text("a,b\n")
+    (folder / "tables" / "my_table.txt").write_text("keep")
+    run_study(_config(str(tiny_folder("gpt2")), corpus_file), folder, force=True, progress=False)
+    assert (folder / "notes.md").read_text() == "mine" and (folder / "mine" / "data.csv").read_text() == "a,b\n"
+    assert (folder / "tables" / "my_table.txt").read_text() == "keep"
+    assert json.loads((folder / "manifest.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    [None, {"name": "my-web-app", "version": "1.0"}, {"format": "other.tool/2"}, [1, 2, 3]],
+    ids=["no-manifest", "web-app-manifest", "other-format", "list-manifest"],
+)
+def test_a_folder_that_is_not_a_run_is_refused_even_with_force(tiny_folder, corpus_file, tmp_path, manifest) -> None:
+    folder = tmp_path / "user"
+    folder.mkdir()
+    (folder / "index.html").write_text("<html></html>")
+    if manifest is not None:
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+    before = _tree(folder)
+    for force in (False, True):
+        with pytest.raises(RunFolderError, match="is not empty and is not a run folder"):
+            run_study(_config(str(tiny_folder("gpt2")), corpus_file), folder, force=force, progress=False)
+    assert _tree(folder) == before
+
+
+def test_bad_inputs_change_nothing(tiny_folder, corpus_file, tmp_path, capsys) -> None:
+    """A typo in --corpus or --model neither creates --out nor touches a run that --force would redo."""
+    model = str(tiny_folder("gpt2"))
+    folder = _finished_run(tiny_folder, corpus_file, tmp_path)
+    before = _tree(folder)
+    fresh = tmp_path / "fresh"
+    for args in (["--corpus", str(tmp_path / "typo.txt")], ["--model", str(tmp_path / "no-model")]):
+        base = {"--model": model, "--corpus": corpus_file, **dict(zip(args[::2], args[1::2], strict=True))}
+        argv = ["run", *[x for kv in base.items() for x in kv], "--max-tokens", "500"]
+        assert main([*argv, "--out", str(fresh)]) == 2
+        assert main([*argv, "--out", str(folder), "--force"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 2 and "Traceback" not in err
+    assert not fresh.exists() and _tree(folder) == before
+
+
+def test_resume_refuses_changed_corpus_or_weights(tiny_folder, corpus_file, tmp_path) -> None:
+    import shutil
+
+    from tests.factories import build_tiny_model
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_folder("gpt2"), model)
+    corpus = tmp_path / "corpus.txt"
+    shutil.copy(corpus_file, corpus)
+    folder = run_study(_config(str(model), str(corpus)), tmp_path / "run", progress=False)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert len(manifest["model"]["weights_fingerprint"]) == 32
+    manifest["status"] = "running"
+    del manifest["steps"]["report"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    corpus.write_text(corpus.read_text() + "One more sentence.\n")
+    with pytest.raises(RunFolderError, match="corpus with fingerprint .* its files changed"):
+        run_study(_config(str(model), str(corpus)), folder, progress=False)
+    shutil.copy(corpus_file, corpus)
+    build_tiny_model("gpt2", model, seed=1)  # same architecture and path, other weights
+    with pytest.raises(RunFolderError, match="now has other weights"):
+        run_study(_config(str(model), str(corpus)), folder, progress=False)
+
+
+def test_finished_report_shows_finish_time_and_given_model_name(tiny_folder, corpus_file, tmp_path) -> None:
+    folder = _finished_run(tiny_folder, corpus_file, tmp_path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    html = (folder / "report.html").read_text(encoding="utf-8")
+    assert "not yet" not in html and f"finished {manifest['finished']}" in html
+    assert manifest["model"]["model_name"] == str(tiny_folder("gpt2"))
+
+
+def test_estimates_price_each_step_from_its_size(tiny_bridge, corpus_file) -> None:
+    from ffkv_lens import Corpus, MemoryLens
+    from ffkv_lens.estimates import describe_estimates, measure_rates, step_seconds
+
+    lens = MemoryLens(tiny_bridge("llama"))
+    corpus = Corpus.from_files(corpus_file)
+    rates = measure_rates(lens, corpus, unit="sentence", max_len=128, batch_tokens=256)
+    assert rates.forward_tokens > 0 and rates.product_flops > 0 and rates.corpus_chars == len(open(corpus_file).read())
+    base = step_seconds(rates, lens, _config("m", "c"))
+    bigger = step_seconds(rates, lens, _config("m", "c", max_tokens=4000, positions=32, keys_per_layer=16))
+    for step in ("triggers", "dynamics", "mutation"):
+        assert bigger[step] > base[step] > 0, step
+    assert bigger["values"] == base["values"] > 0
+    lines = describe_estimates(lens, corpus, _config("m", "c"))
+    assert [line.split()[0] for line in lines[1:-1]] == ["triggers", "values", "dynamics", "mutation"]

@@ -127,6 +127,10 @@ class MemoryAdapter(abc.ABC):
         """BOS id when the model prepends BOS by default (the search does too), else None."""
 
     @abc.abstractmethod
+    def weights_fingerprint(self) -> str:
+        """A digest of every weight of the model: runs resume only on the same weights."""
+
+    @abc.abstractmethod
     def describe(self) -> dict[str, Any]:
         """JSON-serialisable description of the model and adapter, recorded with results."""
 

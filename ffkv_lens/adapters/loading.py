@@ -105,5 +105,7 @@ def load_model(
             f"and loading it as a hub id failed ({exc}). Pass an embedded name or a local folder, "
             "or make a model hub reachable (unset HF_HUB_OFFLINE)."
         ) from exc
+    # Recorded with results: the name the user gave (an embedded name, not its cache folder).
+    bridge.cfg.model_name = str(name_or_path)
     logger.info("Loaded %s on %s (%s) in %.1f s", name_or_path, torch_device, torch_dtype, time.perf_counter() - start)
     return bridge

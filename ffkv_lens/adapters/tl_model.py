@@ -71,6 +71,18 @@ class TLModelShape:
             return None
         return self.tokenizer.bos_token_id
 
+    def weights_fingerprint(self) -> str:
+        """blake2b (16 bytes, hex) of every parameter's name, dtype, shape and bytes, in module order."""
+        import hashlib
+
+        digest = hashlib.blake2b(digest_size=16)
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                data = param.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+                digest.update(f"{name}|{param.dtype}|{tuple(param.shape)}|".encode())
+                digest.update(memoryview(data.numpy()))
+        return digest.hexdigest()
+
     def readout_parts(self) -> ReadoutParts | None:
         """:class:`ReadoutParts` of ``readout``; ``None`` for an MLM head (BERT), which is not of that form."""
         if self.spec.readout != "unembed":
