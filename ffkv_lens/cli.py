@@ -48,6 +48,12 @@ def _positive(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port; pass 0 (any free port) to 65535")
+    return int(text)
+
+
 def _tokens(text: str) -> int | None:
     return None if text == "all" else _positive(text)
 
@@ -167,7 +173,7 @@ def _add_browse(sub: argparse._SubParsersAction) -> None:
         "paths", nargs="+", metavar="PATH", help="a run folder (--out of `ffkv-lens run`) or a comparison folder "
         "(--out of `ffkv-lens compare`)",
     )  # fmt: skip
-    browse.add_argument("--port", type=int, default=8000, help="TCP port (0: pick a free one; default 8000)")
+    browse.add_argument("--port", type=_port, default=8000, help="TCP port (0: pick a free one; default 8000)")
     browse.add_argument("--host", default="127.0.0.1", help="loopback address to listen on (default 127.0.0.1)")
     browse.add_argument("--no-open", action="store_true", help="do not open the page in a web browser")
     browse.add_argument("--rebuild", action="store_true", help="rebuild the indexes even if they are current")

@@ -15,23 +15,43 @@ count) and the merged results equal a single-process run exactly:
 Backends: ``gloo`` on the CPU, ``nccl`` on CUDA (each rank on ``cuda:LOCAL_RANK``). A single
 process (no ``torchrun``) is the world of size 1 and nothing here communicates.
 
+**Rank 0's solo work** (:func:`main_section`): when it fails with any exception, rank 0 writes the
+error to the rendezvous store before raising it. Every other rank runs a watcher thread
+(started by :func:`init_from_env`) blocked on that key: it logs ``rank 0 failed: ...`` and ends its
+process (exit code 1) at once, even while its main thread waits in a collective, which NCCL would
+otherwise hold until :data:`TIMEOUT`. Ranks that finish their share early wait for rank 0's outcome
+(:func:`wait_for_main`) and exit with its error, as :class:`~ffkv_lens.errors.RankFailedError`.
+The watcher only waits on a socket; the normal path has no extra collective.
+
 Example:
     $ torchrun --nproc-per-node 2 -m ffkv_lens.cli run --model smollm2-135m --out runs/x
 """
 
+import contextlib
 import datetime
 import logging
 import os
+import sys
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
-from ffkv_lens.errors import ConfigError
+from ffkv_lens.errors import ConfigError, RankFailedError
 
-__all__ = ["World", "all_gather_varlen", "all_sum_", "init_from_env", "shard", "world"]
+__all__ = [
+    "World",
+    "all_gather_varlen",
+    "all_sum_",
+    "init_from_env",
+    "main_section",
+    "shard",
+    "wait_for_main",
+    "world",
+]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -113,7 +133,89 @@ def init_from_env(device: str | None = None) -> tuple[World, str | None]:
     dist.init_process_group(backend=backend, timeout=TIMEOUT)
     here = world()
     log.info("rank %d of %d (%s) on %s", here.rank, here.size, backend, device)
+    if not here.is_main:
+        threading.Thread(target=_watch_main, args=(here.rank,), name="ffkv-lens-watch-rank0", daemon=True).start()
     return here, device
+
+
+# Keys in the rendezvous store (MASTER_ADDR:MASTER_PORT), per torchrun restart.
+_FAILED = "ffkv_lens/{restart}/rank0_failed"
+_DONE = "ffkv_lens/{restart}/rank0_done"
+_awaiting_main = threading.Event()  # set once this rank's main thread waits in wait_for_main (its run's end)
+
+
+def _key(template: str) -> str:
+    return template.format(restart=os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def _store_client() -> Any:
+    """A new client of the rendezvous store: its own socket, so a blocking wait stalls no other thread."""
+    import torch.distributed as dist
+
+    return dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=TIMEOUT,
+        wait_for_workers=False,
+    )  # fmt: skip
+
+
+def _watch_main(rank: int) -> None:
+    """Watcher thread of a rank other than 0: end this process when rank 0 reports a failure."""
+    try:
+        store = _store_client()
+        store.wait([_key(_FAILED)])
+        message = store.get(_key(_FAILED)).decode("utf-8", "replace")
+    except Exception:  # noqa: BLE001 (the store is gone: rank 0 ended; the collectives report it)
+        return
+    if _awaiting_main.is_set():  # wait_for_main raises it in the main thread
+        return
+    log.error("rank 0 failed: %s; stopping rank %d", message, rank)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(1)
+
+
+@contextlib.contextmanager
+def main_section(here: World, *, last: bool = False) -> Iterator[None]:
+    """Wrap work that rank 0 does alone: any exception in it is announced to the other ranks, then raised.
+
+    Args:
+        here: The world (a single process: nothing is announced).
+        last: Rank 0's last solo work: its success is announced too (the others wait for it in
+            :func:`wait_for_main`).
+    """
+    if not here.distributed:
+        yield
+        return
+    try:
+        yield
+    except BaseException as err:
+        message = f"{type(err).__name__}: {err}".replace("\n", " ")
+        with contextlib.suppress(Exception):  # announcing must not hide the error itself
+            store = _store_client()
+            store.set(_key(_DONE), message)
+            store.set(_key(_FAILED), message)
+        raise
+    if last:
+        _store_client().set(_key(_DONE), "")
+
+
+def wait_for_main(here: World) -> None:
+    """On a rank other than 0: wait until rank 0's last :func:`main_section` ends; raise its failure.
+
+    Raises:
+        RankFailedError: Rank 0 failed (the message carries its error).
+    """
+    if not here.distributed or here.is_main:
+        return
+    _awaiting_main.set()
+    try:
+        store = _store_client()
+        store.wait([_key(_DONE)])
+        message = store.get(_key(_DONE)).decode("utf-8", "replace")
+    except RuntimeError as err:  # the store went away with rank 0
+        message = f"it ended without reporting its outcome: {err}".replace("\n", " ")
+    if message:
+        raise RankFailedError(f"rank 0 failed ({message}); rank {here.rank} stops too. Fix rank 0's error and rerun.")
 
 
 def shard(items: Iterable[T], here: World | None = None) -> Iterator[tuple[int, T]]:

@@ -20,6 +20,7 @@ __all__ = [
     "MissingActivationsError",
     "ModelNotAvailableError",
     "ModelConversionError",
+    "RankFailedError",
     "RunFolderError",
     "UnsupportedArchitectureError",
 ]
@@ -75,3 +76,7 @@ class CheckpointMismatchError(FfkvLensError):
 
 class RunFolderError(FfkvLensError):
     """A run folder is finished, or belongs to a run with other settings or another model."""
+
+
+class RankFailedError(FfkvLensError):
+    """Another rank of a distributed run (``torchrun``) failed; this rank stops with its message."""

@@ -334,6 +334,7 @@ def _run_steps(run: _Run, lens: Any, corpus: Any, progress: bool, say: Callable[
     from ffkv_lens.analysis.dynamics import layer_dynamics
     from ffkv_lens.analysis.mutation import mutation_test
     from ffkv_lens.analysis.values import ValueProjection, project_values
+    from ffkv_lens.distributed import main_section, wait_for_main
     from ffkv_lens.report import write_report
 
     c, folder = run.config, run.folder
@@ -369,12 +370,13 @@ def _run_steps(run: _Run, lens: Any, corpus: Any, progress: bool, say: Callable[
         shutil.rmtree(folder / "search")
     projection = None
     if here.is_main:  # the values are rank 0's alone; the other ranks go on to the shared dynamics
-        run.step("values", values, say)
-        projection = ValueProjection.load(folder / "values", lens=lens)
+        with main_section(here):  # a failure here stops the other ranks too (they wait in a collective)
+            run.step("values", values, say)
+            projection = ValueProjection.load(folder / "values", lens=lens)
     run.step("dynamics", dynamics, say)
-    if not here.is_main:  # the other steps are rank 0's alone
+    if not here.is_main:  # the other steps are rank 0's alone; its outcome is this rank's too
+        wait_for_main(here)
         return
-    atlas = TriggerAtlas.load(folder / "atlas")
 
     def agreement() -> dict[str, Any]:
         result = value_agreement(lens, atlas, projection, seed=c.seed)
@@ -394,10 +396,12 @@ def _run_steps(run: _Run, lens: Any, corpus: Any, progress: bool, say: Callable[
             run, "mutation", result, {"per_layer": "mutation_per_layer", "per_key": "mutation_per_key"}
         )
 
-    run.step("agreement", agreement, say)
-    run.step("mutation", mutation, say)
-    run.step("figures", lambda: write_figures(folder, lens.n_layers), say)
-    run.step("report", lambda: _finish(run, write_report), say)
+    with main_section(here, last=True):
+        atlas = TriggerAtlas.load(folder / "atlas")
+        run.step("agreement", agreement, say)
+        run.step("mutation", mutation, say)
+        run.step("figures", lambda: write_figures(folder, lens.n_layers), say)
+        run.step("report", lambda: _finish(run, write_report), say)
 
 
 def _finish(run: _Run, write_report: Callable[[Path], Path]) -> dict[str, Any]:

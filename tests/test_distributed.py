@@ -8,6 +8,7 @@ checks the resume message, and compares with the uninterrupted single-process ru
 """
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,11 +24,17 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--k", "4", "--keys-per-layer", "4", "--examples", "2", "--positions", "24", "--max-tokens", "3000",
         "--batch-tokens", "96", "--checkpoint-every", "150"]  # fmt: skip
-# Runs the CLI; with KILL_RANK set, that rank SIGKILLs itself after its KILL_AFTER-th checkpoint.
+# Runs the CLI; with KILL_RANK set, that rank SIGKILLs itself after its KILL_AFTER-th checkpoint; with
+# FAIL_IN=module.function set, that function raises a RuntimeError (a bug, not an FfkvLensError) on rank 0.
 LAUNCH = """
-import os, sys
+import importlib, os, sys
 sys.path.insert(0, {root!r})
 from ffkv_lens.analysis import triggers
+if os.environ.get("FAIL_IN") and os.environ.get("RANK", "0") == "0":
+    module, name = os.environ["FAIL_IN"].rsplit(".", 1)
+    def fail(*args, **kwargs):
+        raise RuntimeError("injected bug in " + name)
+    setattr(importlib.import_module(module), name, fail)
 if os.environ.get("KILL_RANK") is not None and os.environ["KILL_RANK"] == os.environ.get("RANK", "0"):
     original, count = triggers.TriggerSearch.save_checkpoint, [0]
     def save_then_die(self, folder):
@@ -110,3 +117,40 @@ def test_killed_rank_resumes_and_other_world_size_is_refused(setup) -> None:
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stderr and "rank1-of-2" in resumed.stderr
     _assert_same_results(setup["single"], out)
+
+
+EXIT_WITHIN = 90.0  # generous bound, seconds, for both ranks to exit after rank 0 fails (the hang was 12 h)
+
+
+@pytest.mark.parametrize(
+    "fail_in",
+    ["ffkv_lens.analysis.values.project_values", "ffkv_lens.analysis.agreement.value_agreement"],
+    ids=["values-while-rank1-waits-in-a-collective", "agreement-after-rank1-finished-its-share"],
+)
+def test_rank0_bug_in_its_solo_step_stops_every_rank(setup, fail_in) -> None:
+    # Two processes started by hand (no torchrun agent to kill the survivor), rendezvous on loopback.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+               WORLD_SIZE="2", FAIL_IN=fail_in)  # fmt: skip
+    out = setup["root"] / fail_in
+    argv = [sys.executable, str(setup["script"]), *_run_args(setup["model"], setup["corpus"], out)]
+    logs = [setup["root"] / f"{fail_in}.rank{r}.log" for r in (0, 1)]
+    ranks = []
+    for r, log in enumerate(logs):
+        with log.open("w") as sink:
+            env_r = dict(env, RANK=str(r), LOCAL_RANK=str(r))
+            ranks.append(subprocess.Popen(argv, env=env_r, stdout=sink, stderr=subprocess.STDOUT))
+    try:
+        ranks[0].wait(timeout=600)
+        ranks[1].wait(timeout=EXIT_WITHIN)  # without the fix it waits in a collective (or exits 0 early)
+    finally:
+        for rank in ranks:
+            rank.kill()
+            rank.wait()
+    errors = [log.read_text() for log in logs]
+    name = fail_in.rsplit(".", 1)[1]
+    assert ranks[0].returncode != 0 and f"RuntimeError: injected bug in {name}" in errors[0], errors[0][-3000:]
+    assert ranks[1].returncode != 0 and "rank 0 failed" in errors[1], errors[1][-3000:]
+    assert f"RuntimeError: injected bug in {name}" in errors[1], errors[1][-3000:]

@@ -174,6 +174,7 @@ class BrowserIndex(ReadOnlyIndex):
         limit, side = _check_limit(limit), _check_sign(sign)
         words = query.split()
         if len(words) > 1:
+            _check_full_text(query)
             match = f"{{{side}}} : ({' '.join(_quote(w) for w in words)})"
             rows = [dict(r) for r in self.conn.execute(_TOKEN_WORDS.format(side=side), (match, limit))]
             for r in rows:
@@ -193,6 +194,7 @@ class BrowserIndex(ReadOnlyIndex):
     def search_text(self, query: str, *, limit: int = DEFAULT_LIMIT) -> dict[str, Any]:
         """Memories whose trigger examples contain the phrase; rules in the module docstring."""
         _check_query(query)
+        _check_full_text(query)
         limit = _check_limit(limit)
         match = _phrase(query)
         try:
@@ -235,6 +237,15 @@ def _check_query(query: str) -> None:
         raise ConfigError("q is empty; pass the token or text to search for, e.g. q=Paris.")
     if len(query) > MAX_QUERY_CHARS:
         raise ConfigError(f"q has {len(query)} characters; pass at most {MAX_QUERY_CHARS}.")
+
+
+def _check_full_text(query: str) -> None:
+    # FTS5 reads its query as a C string: a NUL byte ends it mid-word ("unterminated string").
+    if "\x00" in query:
+        raise ConfigError(
+            f"q={query!r} contains a NUL character (\\x00), which full-text search cannot match; remove it "
+            "(a single-word token search matches it exactly)."
+        )
 
 
 def _check_limit(limit: int) -> int:

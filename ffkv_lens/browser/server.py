@@ -6,8 +6,11 @@ a loopback address only (it has no authentication) and answers only requests who
 header names it, which stops DNS-rebinding pages from reading the API.
 
 It serves a :class:`~ffkv_lens.browser.catalog.Catalog`: one run, or several runs and the
-comparisons that match their memories. Routes (all GET; bad parameters, an unknown ``run`` among
-them, give HTTP 400 with ``{"error": "..."}``); ``run=LABEL`` picks the run (default: the first):
+comparisons that match their memories. Routes (all GET, and HEAD: the same status and headers, no
+body; bad parameters, an unknown ``run`` among them, give HTTP 400 with ``{"error": "..."}``);
+``run=LABEL`` picks the run (default: the first). Integer parameters are ASCII ``-?[0-9]+`` only.
+Non-finite numbers (NaN, infinity) in an answer are JSON ``null``. A connection that sends nothing
+for :data:`REQUEST_TIMEOUT` seconds is closed, so a half-sent request cannot hold a thread:
 
 - ``/``: the page (inline JS and CSS, no external resources).
 - ``/api/runs``: the runs (label, model, layers, d_mlp, k) and comparisons served; the default run.
@@ -28,6 +31,8 @@ import errno
 import ipaddress
 import json
 import logging
+import math
+import re
 import socket
 import sqlite3
 from collections.abc import Callable
@@ -41,9 +46,11 @@ from ffkv_lens.browser.catalog import Catalog
 from ffkv_lens.browser.queries import DEFAULT_LIMIT, BrowserIndex
 from ffkv_lens.errors import ConfigError
 
-__all__ = ["BrowserServer"]
+__all__ = ["REQUEST_TIMEOUT", "BrowserServer"]
 
 log = logging.getLogger(__name__)
+REQUEST_TIMEOUT = 30.0  # seconds a connection may stay silent (mid-request too) before it is closed
+_INTEGER = re.compile(r"-?[0-9]+")
 _PAGE_CSP = (
     "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
     "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
@@ -58,14 +65,27 @@ class BrowserServer(ThreadingHTTPServer):
             (:func:`ffkv_lens.browser.open_catalog`).
         host: A loopback address or ``localhost``.
         port: TCP port (0: any free one).
+        request_timeout: Seconds a connection may stay silent before it is closed (socket timeout).
 
     Raises:
-        ConfigError: The host is not a loopback address, or the port is in use.
+        ConfigError: The host is not a loopback address, the port is in use or out of range, or the
+            timeout is not positive.
     """
 
     daemon_threads = True
 
-    def __init__(self, source: str | Path | Catalog, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        source: str | Path | Catalog,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        request_timeout: float = REQUEST_TIMEOUT,
+    ) -> None:
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"port={port!r} is not a TCP port; pass 0 (any free port) to 65535.")
+        if not (isinstance(request_timeout, int | float) and math.isfinite(request_timeout) and request_timeout > 0):
+            raise ConfigError(f"request_timeout={request_timeout!r}; pass a positive number of seconds.")
+        self.request_timeout = float(request_timeout)
         # Opening every index here fails early on a damaged one.
         self.catalog = source if isinstance(source, Catalog) else Catalog.from_index(source)
         self.page = resources.files("ffkv_lens.browser").joinpath("page.html").read_bytes()
@@ -85,6 +105,10 @@ class BrowserServer(ThreadingHTTPServer):
         """The page's address."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}/"
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Log a failed connection (socketserver's default prints a traceback to stderr)."""
+        log.debug("connection from %s failed", client_address, exc_info=True)
 
     def allowed_hosts(self) -> set[str]:
         """``Host`` header values this server answers."""
@@ -112,10 +136,13 @@ def _int(params: dict[str, str], name: str, default: int | None = None) -> int:
         if default is None:
             raise ConfigError(f"{name} is missing; pass {name}=<integer>.")
         return default
-    try:
-        return int(params[name])
-    except ValueError:
-        raise ConfigError(f"{name}={params[name]!r} is not an integer.") from None
+    text = params[name]
+    if _INTEGER.fullmatch(text):
+        try:
+            return int(text)
+        except ValueError:  # more digits than int() takes
+            pass
+    raise ConfigError(f"{name}={text!r} is not an integer; pass ASCII digits with an optional '-', e.g. {name}=3.")
 
 
 def _memory(index: BrowserIndex, p: dict[str, str]) -> Any:
@@ -152,6 +179,19 @@ _CATALOG_ROUTES: dict[str, tuple[tuple[str, ...], Callable[[Catalog, dict[str, s
 class _Handler(BaseHTTPRequestHandler):
     server: BrowserServer
     server_version = "ffkv-lens-browser"
+    head_only = False
+
+    def setup(self) -> None:
+        # StreamRequestHandler applies self.timeout to the socket; reads past it end the connection.
+        self.timeout = self.server.request_timeout
+        super().setup()
+
+    def do_HEAD(self) -> None:  # noqa: N802 (http.server's name)
+        self.head_only = True
+        try:
+            self.do_GET()
+        finally:
+            self.head_only = False
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
         url = urlsplit(self.path)
@@ -185,8 +225,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(200, body)
 
     def _json(self, status: int, body: Any) -> None:
-        data = json.dumps(body, ensure_ascii=False, allow_nan=False).encode("utf-8")
-        self._send(status, data, "application/json; charset=utf-8")
+        try:
+            text = json.dumps(body, ensure_ascii=False, allow_nan=False)
+        except ValueError:  # a NaN or infinity somewhere: JSON has none, so they become null
+            text = json.dumps(_finite(body), ensure_ascii=False, allow_nan=False)
+        self._send(status, text.encode("utf-8"), "application/json; charset=utf-8")
 
     def _send(self, status: int, data: bytes, content_type: str, extra: dict[str, str] | None = None) -> None:
         self.send_response(status)
@@ -195,10 +238,22 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in headers.items():
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(data)
+        if not self.head_only:
+            self.wfile.write(data)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's signature)
         log.debug("%s %s", self.address_string(), format % args)
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float (in dicts, lists and tuples) replaced by ``None``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _params(query: str, allowed: tuple[str, ...]) -> dict[str, str]:

@@ -70,8 +70,8 @@ def tiny_atlas(tiny_run):
     return TriggerAtlas.load(tiny_run / "atlas")
 
 
-def _serve(source) -> Iterator[BrowserServer]:
-    srv = BrowserServer(source, port=0)
+def _serve(source, **options) -> Iterator[BrowserServer]:
+    srv = BrowserServer(source, port=0, **options)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     yield srv
