@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from ffkv_lens.cli import main
-from ffkv_lens.errors import RunFolderError
-from ffkv_lens.pipeline import STEPS, RunConfig, run_study
+from ffkv_lens.cli import _parser, main
+from ffkv_lens.errors import ConfigError, CorpusError, RunFolderError
+from ffkv_lens.pipeline import STEPS, RunConfig, open_corpus, run_study
 from tests.factories import TEXT
 
 
@@ -97,3 +97,34 @@ def test_tables_round_trip_tokens_with_carriage_returns_and_commas(tmp_path) -> 
     back = pd.read_csv(tmp_path / "t.csv")
     assert len(back) == 5 and back["token"].tolist()[:3] == ["\r", "a,b", '"q"'] and back["token"].isna()[3]
     assert back["token"][4] == "\n" and back["rate"].isna().tolist() == [False, True, False, False, False]
+
+
+def test_encoding_errors_is_validated_and_part_of_the_identity() -> None:
+    assert RunConfig().encoding_errors == "strict"
+    assert RunConfig(encoding_errors="replace").results_identity()["encoding_errors"] == "replace"
+    config = RunConfig()
+    object.__setattr__(config, "encoding_errors", "ignore")  # past beartype (test-time only), to our own check
+    with pytest.raises(ConfigError, match=r"encoding_errors='ignore'.*\['strict', 'replace'\]"):
+        config.__post_init__()
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_open_corpus_forwards_encoding_errors(tmp_path, suffix: str) -> None:
+    path = tmp_path / f"bad{suffix}"
+    path.write_bytes(b'{"text": "ok \xff"}\n' if suffix == ".jsonl" else b"ok \xff")
+    with pytest.raises(CorpusError, match=r"byte 0xff.*--encoding-errors replace"):
+        open_corpus(str(path)).check_not_empty()
+    corpus = open_corpus(str(path), RunConfig(encoding_errors="replace").encoding_errors)
+    assert corpus.check_not_empty().text == "ok \ufffd"
+
+
+def test_cli_run_accepts_encoding_errors(capsys) -> None:
+    args = _parser().parse_args(["run", "--encoding-errors", "replace", "--out", "x"])
+    assert args.encoding_errors == "replace" and _parser().parse_args(["run", "--out", "x"]).encoding_errors == "strict"
+    with pytest.raises(SystemExit) as exit_info:
+        _parser().parse_args(["run", "--encoding-errors", "ignore", "--out", "x"])
+    assert exit_info.value.code == 2 and "invalid choice: 'ignore'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "--encoding-errors {strict,replace}" in shown and "(default strict)" in shown
