@@ -70,6 +70,13 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     )
     run.add_argument("--model", default=d.model, help=f"embedded name, HF folder or hub name (default {d.model})")
     run.add_argument("--corpus", default=d.corpus, help="default | PATH (.txt, folder, .jsonl) | hf:NAME")
+    run.add_argument(
+        "--encoding-errors",
+        default=d.encoding_errors,
+        choices=["strict", "replace"],
+        help="bytes of --corpus files that are not UTF-8: strict stops with the file and byte offset, "
+        "replace reads them as U+FFFD (default %(default)s)",
+    )
     run.add_argument("--unit", default=d.unit, choices=["sentence", "document", "window"])
     run.add_argument("--k", type=_positive, default=d.k, help="trigger examples per key")
     run.add_argument("--max-len", type=_positive, default=d.max_len, help="longest unit in tokens")
@@ -98,6 +105,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens, signed=not args.unsigned, top_k=args.top_k,
         keys_per_layer=args.keys_per_layer, examples=args.examples, positions=args.positions, seed=args.seed,
         device=args.device, dtype=args.dtype, batch_tokens=args.batch_tokens, checkpoint_every=args.checkpoint_every,
+        encoding_errors=args.encoding_errors,
     )  # fmt: skip
     start = time.perf_counter()
     folder = run_study(config, args.out, force=args.force, say=lambda line: print(line, flush=True))

@@ -51,6 +51,8 @@ class RunConfig:
     Attributes:
         model: Embedded name, local HF folder or hub name.
         corpus: ``"default"``, a path (text file, folder of .txt, .jsonl) or ``"hf:NAME"``.
+        encoding_errors: Bytes of corpus files that are not UTF-8: ``"strict"`` refuses them
+            (the error names the file and byte offset), ``"replace"`` reads them as U+FFFD.
         unit: Trigger-search unit: ``"sentence"`` (the paper's), ``"document"`` or ``"window"``.
         k: Trigger examples per key.
         max_len: Longest unit in tokens.
@@ -71,6 +73,7 @@ class RunConfig:
 
     model: str = "smollm2-135m"
     corpus: str = "default"
+    encoding_errors: Literal["strict", "replace"] = "strict"
     unit: Literal["sentence", "document", "window"] = "sentence"
     k: int = 50
     max_len: int = 128
@@ -87,8 +90,11 @@ class RunConfig:
     checkpoint_every: int = 200_000
 
     def __post_init__(self) -> None:
+        from ffkv_lens.corpus.sources import check_encoding_errors
+
         if self.unit not in _UNITS:
             raise ConfigError(f"unit={self.unit!r}; allowed: {_UNITS}.")
+        check_encoding_errors(self.encoding_errors)
         for name in (
             "k",
             "max_len",
@@ -110,8 +116,8 @@ class RunConfig:
         return {k: v for k, v in asdict(self).items() if k not in ("device", "batch_tokens", "checkpoint_every")}
 
 
-def open_corpus(spec: str) -> Any:
-    """A :class:`ffkv_lens.Corpus` from a CLI-style spec (see :class:`RunConfig`)."""
+def open_corpus(spec: str, encoding_errors: str = "strict") -> Any:
+    """A :class:`ffkv_lens.Corpus` from a CLI-style spec; ``encoding_errors`` for files (see :class:`RunConfig`)."""
     from ffkv_lens.corpus import Corpus
 
     if spec == "default":
@@ -124,8 +130,8 @@ def open_corpus(spec: str) -> Any:
     if not path.exists():
         raise ConfigError(f"corpus={spec!r} is neither 'default', 'hf:NAME' nor an existing path.")
     if path.suffix == ".jsonl":
-        return Corpus.from_jsonl(path)
-    return Corpus.from_files(path)
+        return Corpus.from_jsonl(path, encoding_errors=encoding_errors)
+    return Corpus.from_files(path, encoding_errors=encoding_errors)
 
 
 class _Run:
@@ -203,9 +209,8 @@ def _fresh_manifest(config: RunConfig) -> dict[str, Any]:
 
 
 def _check_same(old: dict[str, Any], new: dict[str, Any], folder: Path) -> None:
-    diffs = [
-        f"{key}: folder {old.get(key)!r} vs now {new.get(key)!r}" for key in sorted(new) if old.get(key) != new.get(key)
-    ]
+    old = {**RunConfig().results_identity(), **old}  # a setting added since the folder was made has its default
+    diffs = [f"{key}: folder {old.get(key)!r} vs now {new[key]!r}" for key in sorted(new) if old.get(key) != new[key]]
     if diffs:
         raise RunFolderError(
             f"{folder} holds an unfinished run with other settings ({'; '.join(diffs)}). Resume it with the "

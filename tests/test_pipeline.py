@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from ffkv_lens.cli import main
-from ffkv_lens.errors import RunFolderError
-from ffkv_lens.pipeline import STEPS, RunConfig, run_study
+from ffkv_lens.cli import _parser, main
+from ffkv_lens.errors import ConfigError, CorpusError, RunFolderError
+from ffkv_lens.pipeline import STEPS, RunConfig, open_corpus, run_study
 from tests.factories import TEXT
 
 
@@ -145,7 +145,9 @@ def test_bad_inputs_change_nothing(tiny_folder, corpus_file, tmp_path, capsys) -
     folder = _finished_run(tiny_folder, corpus_file, tmp_path)
     before = _tree(folder)
     fresh = tmp_path / "fresh"
-    for args in (["--corpus", str(tmp_path / "typo.txt")], ["--model", str(tmp_path / "no-model")]):
+    (tmp_path / "empty.txt").write_text(" \n\n")
+    bad = (["--corpus", str(tmp_path / "typo.txt")], ["--corpus", str(tmp_path / "empty.txt")], ["--model", "x/y/z"])
+    for args in bad:
         base = {"--model": model, "--corpus": corpus_file, **dict(zip(args[::2], args[1::2], strict=True))}
         argv = ["run", *[x for kv in base.items() for x in kv], "--max-tokens", "500"]
         assert main([*argv, "--out", str(fresh)]) == 2
@@ -202,3 +204,34 @@ def test_estimates_price_each_step_from_its_size(tiny_bridge, corpus_file) -> No
     assert bigger["values"] == base["values"] > 0
     lines = describe_estimates(lens, corpus, _config("m", "c"))
     assert [line.split()[0] for line in lines[1:-1]] == ["triggers", "values", "dynamics", "mutation"]
+
+
+def test_encoding_errors_is_validated_and_part_of_the_identity() -> None:
+    assert RunConfig().encoding_errors == "strict"
+    assert RunConfig(encoding_errors="replace").results_identity()["encoding_errors"] == "replace"
+    config = RunConfig()
+    object.__setattr__(config, "encoding_errors", "ignore")  # past beartype (test-time only), to our own check
+    with pytest.raises(ConfigError, match=r"encoding_errors='ignore'.*\['strict', 'replace'\]"):
+        config.__post_init__()
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_open_corpus_forwards_encoding_errors(tmp_path, suffix: str) -> None:
+    path = tmp_path / f"bad{suffix}"
+    path.write_bytes(b'{"text": "ok \xff"}\n' if suffix == ".jsonl" else b"ok \xff")
+    with pytest.raises(CorpusError, match=r"byte 0xff.*--encoding-errors replace"):
+        open_corpus(str(path)).check_not_empty()
+    corpus = open_corpus(str(path), RunConfig(encoding_errors="replace").encoding_errors)
+    assert corpus.check_not_empty().text == "ok \ufffd"
+
+
+def test_cli_run_accepts_encoding_errors(capsys) -> None:
+    args = _parser().parse_args(["run", "--encoding-errors", "replace", "--out", "x"])
+    assert args.encoding_errors == "replace" and _parser().parse_args(["run", "--out", "x"]).encoding_errors == "strict"
+    with pytest.raises(SystemExit) as exit_info:
+        _parser().parse_args(["run", "--encoding-errors", "ignore", "--out", "x"])
+    assert exit_info.value.code == 2 and "invalid choice: 'ignore'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "--encoding-errors {strict,replace}" in shown and "(default strict)" in shown

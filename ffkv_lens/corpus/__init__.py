@@ -12,15 +12,14 @@ Example:
     ('texts', 16)
 """
 
+from ffkv_lens.corpus.batches import UnitBatch, iter_batches
 from ffkv_lens.corpus.corpus import Corpus, CorpusStats, Document
 from ffkv_lens.corpus.sentences import split_sentences
 from ffkv_lens.corpus.units import (
     Unit,
-    UnitBatch,
     UnitConfig,
     UnitStats,
     UnitStream,
-    iter_batches,
     iter_units,
 )
 

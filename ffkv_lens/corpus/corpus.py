@@ -254,6 +254,37 @@ class Corpus:
         if self._stats.skipped_empty:
             logger.debug("Corpus %r: skipped %d empty documents.", self.name, self._stats.skipped_empty)
 
+    def check_not_empty(self) -> Document:
+        """Read up to the first non-empty document and return it: a cheap check before a model loads.
+
+        Only the documents before it are read (a file per document, a line, or a dataset
+        batch), so an empty corpus, or a file whose first bytes are not UTF-8, is refused before
+        any expensive step; a bad byte further on is still found when the corpus is read.
+
+        Returns:
+            The first non-empty document.
+
+        Raises:
+            CorpusError: Every document is empty or whitespace-only (or ``take(0)``), or a file
+                read on the way is not valid UTF-8 (the message names the file and byte offset).
+        """
+        for document in self:
+            return document
+        stats = self._stats or CorpusStats(0, 0, 0)
+        raise CorpusError(
+            f"The corpus {self.name!r} ({self._where()}) has no text: {stats.documents_seen} documents read, "
+            "all empty or whitespace-only. Add text to it or pass another corpus (CLI: --corpus PATH)."
+        )
+
+    def _where(self) -> str:
+        if self.limit == 0:
+            return f"{self.kind}, take(0) keeps no document"
+        paths = self._source.location().get("paths")
+        if not paths:
+            return self.kind
+        shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more files" if len(paths) > 3 else "")
+        return f"{self.kind}: {shown}"
+
     def take(self, n_docs: int) -> "Corpus":
         """A corpus over the first ``n_docs`` non-empty documents of this one.
 

@@ -86,8 +86,8 @@ def decode_utf8(data: bytes, errors: EncodingErrors, *, where: str, offset: int 
         bad = data[exc.start : exc.start + 1].hex()
         raise CorpusError(
             f"{where}: the bytes are not valid UTF-8: byte 0x{bad} at byte offset {offset + exc.start} "
-            f"({exc.reason}). Convert the file to UTF-8, or pass encoding_errors='replace' to turn "
-            "bad bytes into U+FFFD (recorded in the corpus fingerprint)."
+            f"({exc.reason}). Convert the file to UTF-8, or read bad bytes as U+FFFD with "
+            "encoding_errors='replace' (CLI: --encoding-errors replace; recorded in the corpus fingerprint)."
         ) from None
 
 

@@ -16,35 +16,38 @@ Three kinds of unit (:class:`UnitConfig`):
   kept. A window's ``doc_id`` is that of its first token.
 
 Tokens never include special tokens (``add_special_tokens=False``): the BOS is added by
-:func:`iter_batches`, which groups units into padded batches. ``max_tokens`` stops the stream before the
-first unit that would take the total number of unit tokens above it.
+:func:`iter_batches`, which groups units into padded batches. ``max_tokens`` stops the stream, and the
+reading of the corpus, once the total number of unit tokens reaches it or the next unit would take the
+total above it.
+
+Work per character is bounded: documents are read one at a time, and no text longer than
+``max_chars`` characters is split into sentences or tokenised in one call. A longer line
+(``"sentence"``) or document (``"document"``, ``"window"``) is cut into pieces by
+:func:`~ffkv_lens.corpus.sentences.cut_spans` (at the last whitespace before ``max_chars``
+characters), each piece handled in turn; the default (10,000) cuts no line or document of the
+embedded corpus.
 
 Example:
     >>> from ffkv_lens.corpus import UnitConfig
     >>> UnitConfig(unit="window", max_len=64).to_dict()
-    {'unit': 'window', 'max_len': 64, 'max_tokens': None, 'long_sentences': 'truncate'}
+    {'unit': 'window', 'max_len': 64, 'max_tokens': None, 'long_sentences': 'truncate', 'max_chars': 10000}
 """
 
 import dataclasses
+import itertools
 import logging
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal, get_args
 
-from jaxtyping import Int
-from torch import Tensor
-
-from ffkv_lens.corpus.sentences import split_sentences
+from ffkv_lens.corpus.sentences import DEFAULT_MAX_CHARS, cut_spans, line_spans, sentence_spans, split_sentences
 from ffkv_lens.errors import ConfigError
-from ffkv_lens.types import Tokens
 
 __all__ = [
     "Unit",
-    "UnitBatch",
     "UnitConfig",
     "UnitKind",
     "UnitStats",
     "UnitStream",
-    "iter_batches",
     "iter_units",
     "split_sentences",
 ]
@@ -66,18 +69,23 @@ class UnitConfig:
             this (``None``: read the whole corpus).
         long_sentences: What to do with a sentence of more than ``max_len`` tokens:
             ``"truncate"`` keeps its first ``max_len`` tokens, ``"split"`` cuts it into windows.
+        max_chars: Longest text split into sentences or tokenised in one call; a longer line
+            (sentence units) or document (document and window units) is cut into pieces at the
+            last whitespace before this many characters (see the module docstring).
     """
 
     unit: UnitKind = "sentence"
     max_len: int = 128
     max_tokens: int | None = None
     long_sentences: LongSentences = "truncate"
+    max_chars: int = DEFAULT_MAX_CHARS
 
     def __post_init__(self) -> None:
         _check_choice("unit", self.unit, UnitKind)
         _check_choice("long_sentences", self.long_sentences, LongSentences)
         _check_int("max_len", self.max_len, minimum=1, optional=False)
         _check_int("max_tokens", self.max_tokens, minimum=1, optional=True)
+        _check_int("max_chars", self.max_chars, minimum=1, optional=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as a JSON-serialisable dict (for manifests)."""
@@ -139,7 +147,10 @@ class UnitStats:
         long_sentences: Sentences of more than ``max_len`` tokens (truncated or split).
         tokens_dropped: Tokens cut off by truncation.
         skipped_no_tokens: Pieces skipped because they tokenise to nothing.
-        stopped_at_max_tokens: The stream ended at ``max_tokens`` before the corpus did.
+        texts_cut: Lines (sentence units) or documents (document and window units) longer than
+            ``max_chars`` characters, cut into pieces.
+        stopped_at_max_tokens: The stream ended at ``max_tokens`` (reached, or passed by the next
+            unit) rather than at the end of the corpus.
     """
 
     documents: int = 0
@@ -148,6 +159,7 @@ class UnitStats:
     long_sentences: int = 0
     tokens_dropped: int = 0
     skipped_no_tokens: int = 0
+    texts_cut: int = 0
     stopped_at_max_tokens: bool = False
 
 
@@ -165,21 +177,31 @@ def _decode(tokenizer: Any, ids: list[int]) -> str:
 _Piece = tuple[int, list[int], str, int | None, int | None, bool]
 
 
+class _Locator:
+    """Decodes consecutive windows of a text and finds each in the text while they match."""
+
+    def __init__(self, tokenizer: Any, doc_id: int, text: str, start: int) -> None:
+        self.tokenizer, self.doc_id, self.text, self.start = tokenizer, doc_id, text, start
+        self.cursor: int | None = 0
+
+    def piece(self, chunk: list[int]) -> _Piece:
+        decoded = _decode(self.tokenizer, chunk)
+        if self.cursor is not None and self.text.startswith(decoded, self.cursor):
+            begin = self.start + self.cursor
+            self.cursor += len(decoded)
+            return self.doc_id, chunk, decoded, begin, begin + len(decoded), False
+        self.cursor = None
+        return self.doc_id, chunk, decoded, None, None, False
+
+
 def _windows(tokenizer: Any, doc_id: int, ids: list[int], text: str, start: int, max_len: int) -> Iterator[_Piece]:
     """``text`` (at ``start`` in its document) as one piece, or windows of ``max_len`` tokens."""
     if len(ids) <= max_len:
         yield doc_id, ids, text, start, start + len(text), False
         return
-    cursor: int | None = 0
+    locator = _Locator(tokenizer, doc_id, text, start)
     for offset in range(0, len(ids), max_len):
-        chunk = ids[offset : offset + max_len]
-        decoded = _decode(tokenizer, chunk)
-        if cursor is not None and text.startswith(decoded, cursor):
-            yield doc_id, chunk, decoded, start + cursor, start + cursor + len(decoded), False
-            cursor += len(decoded)
-        else:
-            cursor = None
-            yield doc_id, chunk, decoded, None, None, False
+        yield locator.piece(ids[offset : offset + max_len])
 
 
 class UnitStream:
@@ -226,6 +248,12 @@ class UnitStream:
                 break
             yield Unit(self._counts.units, doc_id, tuple(ids), text, start, end, truncated)
             self._count(units=1, tokens=len(ids))
+            if budget is not None and self._counts.tokens >= budget:
+                self._count(stopped_at_max_tokens=True)  # no unit fits any more: read no further
+                break
+        self._log_counts()
+
+    def _log_counts(self) -> None:
         final = self._counts
         if final.long_sentences:
             logger.info(
@@ -233,30 +261,64 @@ class UnitStream:
                 final.long_sentences, final.units, self.config.max_len, self.config.long_sentences,
                 final.tokens_dropped,
             )  # fmt: skip
+        if final.texts_cut:
+            what = "lines" if self.config.unit == "sentence" else "documents"
+            logger.info(
+                "%d %s had more than max_chars=%d characters and were cut into pieces at whitespace.",
+                final.texts_cut, what, self.config.max_chars,
+            )  # fmt: skip
 
     def _sentences(self) -> Iterator[_Piece]:
-        max_len, tok = self.config.max_len, self._tokenizer
+        max_chars, tok = self.config.max_chars, self._tokenizer
         for doc_id, document in self._documents():
-            spans = split_sentences(document)
-            texts = [document[a:b] for a, b in spans]
-            for (start, end), text, ids in zip(spans, texts, _encode(tok, texts), strict=True):
-                if len(ids) <= max_len:
-                    yield doc_id, ids, text, start, end, False
-                    continue
-                self._count(long_sentences=1)
-                if self.config.long_sentences == "split":
-                    yield from _windows(tok, doc_id, ids, text, start, max_len)
-                    continue
-                self._count(tokens_dropped=len(ids) - max_len)
-                kept = ids[:max_len]
-                decoded = _decode(tok, kept)
-                located = text.startswith(decoded)
-                yield doc_id, kept, decoded, start if located else None, start + len(decoded) if located else None, True
+            for line_start, line_end in line_spans(document):
+                if line_end - line_start > max_chars:
+                    self._count(texts_cut=1)
+                for a, b in cut_spans(document, max_chars, line_start, line_end):
+                    spans = sentence_spans(document, a, b)
+                    texts = [document[start:end] for start, end in spans]
+                    for (start, _), text, ids in zip(spans, texts, _encode(tok, texts), strict=True):
+                        yield from self._sentence(doc_id, ids, text, start)
+
+    def _sentence(self, doc_id: int, ids: list[int], text: str, start: int) -> Iterator[_Piece]:
+        max_len, tok = self.config.max_len, self._tokenizer
+        if len(ids) <= max_len:
+            yield doc_id, ids, text, start, start + len(text), False
+            return
+        self._count(long_sentences=1)
+        if self.config.long_sentences == "split":
+            yield from _windows(tok, doc_id, ids, text, start, max_len)
+            return
+        self._count(tokens_dropped=len(ids) - max_len)
+        kept = ids[:max_len]
+        decoded = _decode(tok, kept)
+        located = text.startswith(decoded)
+        yield doc_id, kept, decoded, start if located else None, start + len(decoded) if located else None, True
+
+    def _token_pieces(self, document: str) -> Iterator[list[int]]:
+        """The tokens of ``document``: in one call, or piece by piece when longer than ``max_chars``."""
+        max_chars = self.config.max_chars
+        if len(document) > max_chars:
+            self._count(texts_cut=1)
+        for a, b in cut_spans(document, max_chars):
+            (ids,) = _encode(self._tokenizer, [document[a:b]])
+            yield ids
 
     def _whole_documents(self) -> Iterator[_Piece]:
+        max_len, tok = self.config.max_len, self._tokenizer
         for doc_id, document in self._documents():
-            (ids,) = _encode(self._tokenizer, [document])
-            yield from _windows(self._tokenizer, doc_id, ids, document, 0, self.config.max_len)
+            if len(document) <= self.config.max_chars:
+                (ids,) = _encode(tok, [document])
+                yield from _windows(tok, doc_id, ids, document, 0, max_len)
+                continue
+            locator, buffer = _Locator(tok, doc_id, document, 0), []
+            for ids in self._token_pieces(document):
+                buffer.extend(ids)
+                while len(buffer) >= max_len:
+                    chunk, buffer = buffer[:max_len], buffer[max_len:]
+                    yield locator.piece(chunk)
+            if buffer:
+                yield locator.piece(buffer)
 
     def _token_windows(self) -> Iterator[_Piece]:
         max_len, tok = self.config.max_len, self._tokenizer
@@ -264,14 +326,13 @@ class UnitStream:
         buffer: list[int] = []
         owners: list[int] = []
         for doc_id, document in self._documents():
-            (ids,) = _encode(tok, [document])
-            if eos is not None:
-                ids.append(eos)
-            buffer.extend(ids)
-            owners.extend([doc_id] * len(ids))
-            while len(buffer) >= max_len:
-                chunk, buffer, first, owners = buffer[:max_len], buffer[max_len:], owners[0], owners[max_len:]
-                yield first, chunk, _decode(tok, chunk), None, None, False
+            pieces = self._token_pieces(document)
+            for ids in itertools.chain(pieces, [[eos]] if eos is not None else []):
+                buffer.extend(ids)
+                owners.extend([doc_id] * len(ids))
+                while len(buffer) >= max_len:
+                    chunk, buffer, first, owners = buffer[:max_len], buffer[max_len:], owners[0], owners[max_len:]
+                    yield first, chunk, _decode(tok, chunk), None, None, False
         if buffer:
             yield owners[0], buffer, _decode(tok, buffer), None, None, False
 
@@ -284,6 +345,7 @@ def iter_units(
     max_len: int = 128,
     max_tokens: int | None = None,
     long_sentences: LongSentences = "truncate",
+    max_chars: int = DEFAULT_MAX_CHARS,
 ) -> UnitStream:
     """Cut a corpus into tokenised units, streaming and deterministically.
 
@@ -296,6 +358,8 @@ def iter_units(
         max_len: Most tokens in one unit (BOS not counted).
         max_tokens: Stop before the unit that would take the total above this.
         long_sentences: ``"truncate"`` or ``"split"`` sentences of more than ``max_len`` tokens.
+        max_chars: Longest line (sentence units) or document (document and window units)
+            split or tokenised in one call; longer ones are cut into pieces at whitespace.
 
     Returns:
         An iterator over :class:`Unit` whose :meth:`UnitStream.stats` counts documents,
@@ -313,117 +377,7 @@ def iter_units(
         >>> [(u.unit_id, u.text, u.char_start) for u in units]
         [(0, 'It rains.', 0), (1, 'We stay in.', 10)]
     """
-    config = UnitConfig(unit=unit, max_len=max_len, max_tokens=max_tokens, long_sentences=long_sentences)
+    config = UnitConfig(
+        unit=unit, max_len=max_len, max_tokens=max_tokens, long_sentences=long_sentences, max_chars=max_chars
+    )
     return UnitStream(corpus, tokenizer, config)
-
-
-def _length_sorted(units: Iterable[Unit], window: int) -> Iterator[Unit]:
-    """The stream, each run of ``window`` units sorted by (token count, unit id)."""
-    group: list[Unit] = []
-    for unit in units:
-        group.append(unit)
-        if len(group) == window:
-            yield from sorted(group, key=lambda u: (u.n_tokens, u.unit_id))
-            group = []
-    yield from sorted(group, key=lambda u: (u.n_tokens, u.unit_id))
-
-
-@dataclasses.dataclass(frozen=True)
-class UnitBatch:
-    """Units, right-padded into one tensor.
-
-    Attributes:
-        tokens: Token ids, BOS first when ``has_bos``; padding on the right.
-        attention_mask: 1 for real tokens (BOS included), 0 for padding.
-        unit_ids: The units' ``unit_id``.
-        lengths: The units' token counts, without BOS.
-        has_bos: Whether column 0 holds a BOS token.
-        units: The units themselves (texts, spans).
-    """
-
-    tokens: Tokens
-    attention_mask: Int[Tensor, "batch pos"]
-    unit_ids: Int[Tensor, " batch"]
-    lengths: Int[Tensor, " batch"]
-    has_bos: bool
-    units: tuple[Unit, ...]
-
-
-def _check_batching(batch_units: int | None, batch_tokens: int | None) -> None:
-    if batch_units is None and batch_tokens is None:
-        raise ConfigError("iter_batches needs batch_units or batch_tokens (or both); got neither.")
-    _check_int("batch_units", batch_units, minimum=1, optional=True)
-    _check_int("batch_tokens", batch_tokens, minimum=1, optional=True)
-
-
-def _make_batch(units: list[Unit], bos_token_id: int | None, pad_token_id: int) -> UnitBatch:
-    import torch
-
-    extra = 0 if bos_token_id is None else 1
-    width = extra + max(u.n_tokens for u in units)
-    tokens = torch.full((len(units), width), pad_token_id, dtype=torch.int64)
-    mask = torch.zeros((len(units), width), dtype=torch.int64)
-    for row, unit in enumerate(units):
-        if bos_token_id is not None:
-            tokens[row, 0] = bos_token_id
-        tokens[row, extra : extra + unit.n_tokens] = torch.tensor(unit.token_ids, dtype=torch.int64)
-        mask[row, : extra + unit.n_tokens] = 1
-    unit_ids = torch.tensor([u.unit_id for u in units], dtype=torch.int64)
-    lengths = torch.tensor([u.n_tokens for u in units], dtype=torch.int64)
-    return UnitBatch(tokens, mask, unit_ids, lengths, bos_token_id is not None, tuple(units))
-
-
-def iter_batches(
-    units: Iterable[Unit],
-    *,
-    batch_units: int | None = None,
-    batch_tokens: int | None = None,
-    bos_token_id: int | None = None,
-    pad_token_id: int = 0,
-    sort_window: int | None = None,
-) -> Iterator[UnitBatch]:
-    """Group units into right-padded batches, streaming.
-
-    A batch grows while it has at most ``batch_units`` units and its padded size
-    ``B x T`` (``T``: longest unit, BOS included) stays within ``batch_tokens``. A unit
-    that alone exceeds ``batch_tokens`` gets a batch of its own. Without ``sort_window``
-    the order is kept. With it, units are read ``sort_window`` at a time and each group
-    is sorted by (token count, unit id) before batching, so that units of similar length
-    share a batch and little padding is computed (sentences vary from a few tokens to
-    ``max_len``); the batches are still the same for the same stream (deterministic), and
-    memory holds one group of units.
-
-    Args:
-        units: The units (e.g. from :func:`iter_units`).
-        batch_units: Most units per batch (``None``: no limit).
-        batch_tokens: Most padded tokens per batch (``None``: no limit).
-        bos_token_id: Prepended to every row when not ``None``.
-        pad_token_id: Fills the padding (masked out).
-        sort_window: Units sorted by length per group of this many (``None``: keep the order).
-
-    Yields:
-        :class:`UnitBatch` objects.
-
-    Example:
-        >>> units = [Unit(i, 0, tuple(range(1, n + 1)), "", None, None) for i, n in enumerate([2, 3, 1])]
-        >>> [b.tokens.tolist() for b in iter_batches(units, batch_tokens=8, bos_token_id=9)]
-        [[[9, 1, 2, 0], [9, 1, 2, 3]], [[9, 1]]]
-    """
-    _check_batching(batch_units, batch_tokens)
-    _check_int("sort_window", sort_window, minimum=1, optional=True)
-    if sort_window is not None:
-        units = _length_sorted(units, sort_window)
-    extra = 0 if bos_token_id is None else 1
-    pending: list[Unit] = []
-    width = 0
-    for unit in units:
-        new_width = max(width, extra + unit.n_tokens)
-        too_many = batch_units is not None and len(pending) + 1 > batch_units
-        too_big = batch_tokens is not None and (len(pending) + 1) * new_width > batch_tokens
-        if pending and (too_many or too_big):
-            yield _make_batch(pending, bos_token_id, pad_token_id)
-            pending, new_width = [], extra + unit.n_tokens
-        pending.append(unit)
-        width = new_width
-    if pending:
-        yield _make_batch(pending, bos_token_id, pad_token_id)

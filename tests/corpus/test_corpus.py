@@ -107,7 +107,7 @@ def test_bad_utf8_names_file_and_byte_offset(tmp_path: Path, per_line: bool) -> 
     corpus = Corpus.from_files(path, per_line=per_line)
     with pytest.raises(CorpusError, match=r"bad\.txt.*byte 0xff at byte offset 12") as info:
         list(corpus)
-    assert "encoding_errors='replace'" in str(info.value)
+    assert "encoding_errors='replace'" in str(info.value) and "--encoding-errors replace" in str(info.value)
 
 
 def test_replace_policy_and_fingerprint(tmp_path: Path) -> None:
@@ -117,6 +117,62 @@ def test_replace_policy_and_fingerprint(tmp_path: Path) -> None:
     assert docs(corpus) == [(0, "ok\ufffd")]
     assert corpus.describe()["options"] == {"per_line": False, "encoding_errors": "replace"}
     assert corpus.fingerprint() != Corpus.from_files(path).fingerprint()
+
+
+# The up-front check ----------------------------------------------------------------------
+
+
+def test_check_not_empty_returns_the_first_document_reading_no_further(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"\n  \nfirst text\nbad \xff later\n")
+    corpus = Corpus.from_files(path, per_line=True)
+    assert corpus.check_not_empty() == (0, "first text"), "the bad byte on line 4 is not read yet"
+    with pytest.raises(CorpusError, match=r"line 4: .*byte offset 19"):
+        list(corpus)
+
+
+def _empty_corpora(tmp_path: Path) -> dict[str, Corpus]:
+    (tmp_path / "empty.txt").write_bytes(b"")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for name in ("a.txt", "b.txt", "sub/c.txt"):
+        (folder / name).parent.mkdir(exist_ok=True)
+        (folder / name).write_text(" \n\t" if name == "b.txt" else "", encoding="utf-8")
+    (tmp_path / "blank.jsonl").write_text('{"text": "   "}\n\n{"text": "\\n\\t"}\n', encoding="utf-8")
+    return {
+        "empty-file": Corpus.from_files(tmp_path / "empty.txt"),
+        "folder-of-empty-files": Corpus.from_files(folder),
+        "whitespace-jsonl": Corpus.from_jsonl(tmp_path / "blank.jsonl"),
+        "empty-texts": Corpus.from_texts(["", " "], name="mine"),
+        "take-0": Corpus.from_texts(["text"]).take(0),
+    }
+
+
+@pytest.mark.parametrize(
+    ("case", "pattern"),
+    [
+        pytest.param("empty-file", r"'empty\.txt' \(files: .*empty\.txt\) has no text: 1 documents read", id="file"),
+        pytest.param(
+            "folder-of-empty-files", r"'folder' \(files: .*a\.txt, .*b\.txt, .*c\.txt\).*3 documents", id="folder"
+        ),
+        pytest.param("whitespace-jsonl", r"'blank\.jsonl' \(jsonl: .*blank\.jsonl\).*3 documents read", id="jsonl"),
+        pytest.param("empty-texts", r"'mine' \(texts\) has no text: 2 documents read", id="texts"),
+        pytest.param("take-0", r"take\(0\) keeps no document", id="take-0"),
+    ],
+)
+def test_check_not_empty_refuses_a_corpus_without_text(tmp_path: Path, case: str, pattern: str) -> None:
+    with pytest.raises(CorpusError, match=pattern) as info:
+        _empty_corpora(tmp_path)[case].check_not_empty()
+    message = str(info.value)
+    assert "\n" not in message and "all empty or whitespace-only" in message and "--corpus PATH" in message
+
+
+def test_check_not_empty_surfaces_bad_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("caf\u00e9 au lait".encode("latin-1"))
+    with pytest.raises(CorpusError, match=r"latin1\.txt: .*byte 0xe9 at byte offset 3.*--encoding-errors replace"):
+        Corpus.from_files(path).check_not_empty()
+    assert Corpus.from_files(path, encoding_errors="replace").check_not_empty().text == "caf\ufffd au lait"
 
 
 # JSONL ------------------------------------------------------------------------------------

@@ -1,5 +1,8 @@
 """Sentence splitting, units (sentence, document, window), max_tokens and padded batches."""
 
+import json
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -7,7 +10,7 @@ import pytest
 import torch
 
 from ffkv_lens.corpus import Corpus, Unit, UnitConfig, iter_batches, iter_units, split_sentences
-from ffkv_lens.corpus.sentences import _align
+from ffkv_lens.corpus.sentences import _align, cut_spans
 from ffkv_lens.errors import ConfigError
 from tests.factories import train_tokenizer
 
@@ -84,6 +87,7 @@ def test_align_always_covers_the_line(segments: list[str], expected: list[str]) 
         pytest.param({"unit": "paragraph"}, r"unit='paragraph'.*\['sentence', 'document', 'window'\]", id="unit"),
         pytest.param({"max_len": 0}, r"max_len=0.*int >= 1", id="max-len"),
         pytest.param({"max_tokens": 2.5}, r"max_tokens=2.5.*or None", id="max-tokens"),
+        pytest.param({"max_chars": 0}, r"max_chars=0.*int >= 1", id="max-chars"),
         pytest.param({"long_sentences": "drop"}, r"\['truncate', 'split'\]", id="long-sentences"),
     ],
 )
@@ -99,7 +103,13 @@ def test_unit_config_validates(kwargs: dict[str, Any], pattern: str) -> None:
 
 def test_unit_config_to_dict_feeds_iter_units(tokenizer: Any) -> None:
     config = UnitConfig(unit="document", max_len=16)
-    assert config.to_dict() == {"unit": "document", "max_len": 16, "max_tokens": None, "long_sentences": "truncate"}
+    assert config.to_dict() == {
+        "unit": "document",
+        "max_len": 16,
+        "max_tokens": None,
+        "long_sentences": "truncate",
+        "max_chars": 10_000,
+    }
     stream = iter_units(Corpus.from_texts(DOCS), tokenizer, **config.to_dict())
     assert stream.config == config
     with pytest.raises(ConfigError, match=r"max_len=-1"):
@@ -156,6 +166,89 @@ def test_max_tokens_stops_before_crossing(tokenizer: Any) -> None:
     assert stream.stats().stopped_at_max_tokens and stream.stats().tokens <= budget
     everything = iter_units(Corpus.from_texts(DOCS), tokenizer, max_tokens=10_000)
     assert len(list(everything)) == len(all_units) and not everything.stats().stopped_at_max_tokens
+
+
+@pytest.mark.parametrize("unit", ["sentence", "document", "window"])
+def test_max_tokens_reached_reads_no_further_document(unit: str) -> None:
+    pulled = []
+
+    def documents() -> Iterator[tuple[int, str]]:
+        for doc_id in range(1000):
+            pulled.append(doc_id)
+            yield doc_id, "abcdefgh"
+
+    stream = iter_units(documents(), CharTokenizer(), unit=unit, max_len=8, max_tokens=16)
+    assert [u.text for u in stream] == ["abcdefgh", "abcdefgh"]
+    assert pulled == [0, 1] and stream.stats().stopped_at_max_tokens
+
+
+# Bounded work on long lines and documents --------------------------------------------------
+
+LONG_LINE = "The cat sat on the mat. It was warm there, and the dog slept. "  # 62 characters
+
+
+def test_sentence_units_never_cross_a_cut() -> None:
+    text = (LONG_LINE * 4).strip()
+    stream = iter_units(Corpus.from_texts([text, "Short."]), CharTokenizer(), max_len=1000, max_chars=100)
+    units = list(stream)
+    assert stream.stats().texts_cut == 1
+    assert all(u.n_tokens <= 100 for u in units), "no sentence crosses a cut"
+    assert " ".join(u.text for u in units[:-1]).split() == text.split(), "cutting loses no text"
+    uncut = iter_units(Corpus.from_texts([text, "Short."]), CharTokenizer(), max_len=1000, max_chars=len(text))
+    assert [u.text for u in uncut] == [*[s.strip() + "." for s in text.split(".")[:-1]], "Short."]
+    assert uncut.stats().texts_cut == 0
+
+
+@pytest.mark.parametrize("unit", ["document", "window"])
+def test_long_documents_are_tokenised_piece_by_piece(tokenizer: Any, unit: str) -> None:
+    text = (LONG_LINE * 4).strip()
+    stream = iter_units(Corpus.from_texts([text]), tokenizer, unit=unit, max_len=16, max_chars=100)
+    tokens = [t for u in stream for t in u.token_ids]
+    pieces = [encode(tokenizer, text[a:b]) for a, b in cut_spans(text, 100)]
+    eos = [tokenizer.eos_token_id] if unit == "window" else []
+    assert len(pieces) == 3 and tokens == [t for piece in pieces for t in piece] + eos
+    assert stream.stats().texts_cut == 1
+    whole = iter_units(Corpus.from_texts([text]), tokenizer, unit=unit, max_len=16, max_chars=len(text))
+    assert [t for u in whole for t in u.token_ids] == encode(tokenizer, text) + eos
+    assert whole.stats().texts_cut == 0
+
+
+def test_sentence_units_of_cut_lines_keep_their_spans() -> None:
+    text = "Intro line.\n" + (LONG_LINE * 3).strip()
+    units = list(iter_units(Corpus.from_texts([text]), CharTokenizer(), max_chars=70))
+    assert all(text[u.char_start : u.char_end] == u.text for u in units)
+    assert [u.text for u in units][:3] == [
+        "Intro line.",
+        "The cat sat on the mat.",
+        "It was warm there, and the dog slept.",
+    ]
+
+
+def write_one_line(path: Path, megabytes: int) -> Path:
+    path.write_text(LONG_LINE * (megabytes * 1_000_000 // len(LONG_LINE)), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("unit", ["sentence", "document", "window"])
+@pytest.mark.parametrize("kind", ["file", "jsonl"])
+def test_a_10_mb_line_starts_within_seconds(tokenizer: Any, tmp_path: Path, unit: str, kind: str) -> None:
+    path = write_one_line(tmp_path / "one_line.txt", 10)
+    if kind == "jsonl":
+        text = path.read_text(encoding="utf-8")
+        (tmp_path / "one_line.jsonl").write_text(json.dumps({"text": text}) + "\n", encoding="utf-8")
+        corpus = Corpus.from_jsonl(tmp_path / "one_line.jsonl")
+    else:
+        corpus = Corpus.from_files(path)
+    start = time.perf_counter()
+    stream = iter_units(corpus, tokenizer, unit=unit, max_len=64, max_tokens=2000)
+    batches = iter_batches(stream, batch_tokens=512, bos_token_id=tokenizer.bos_token_id, sort_window=1024)
+    first = next(batches)
+    rest = [unit for batch in batches for unit in batch.units]
+    seconds = time.perf_counter() - start
+    assert seconds < 30, f"{unit} units of a 10 MB line took {seconds:.1f} s to reach max_tokens=2000"
+    assert first.tokens.shape[0] >= 1 and stream.stats().stopped_at_max_tokens
+    assert 1900 <= stream.stats().tokens <= 2000 and stream.stats().documents == 1
+    assert len(first.units) + len(rest) == stream.stats().units
 
 
 # Document and window units -----------------------------------------------------------------
