@@ -70,7 +70,7 @@ def _forward_rate(lens: Any, batch_tokens: int) -> float:
 
 def _product_rate(lens: Any) -> float:
     parts = lens.adapter.readout_parts()
-    w_u = parts.W_U if parts is not None else torch.randn(lens.d_model, 8192, device=lens.adapter.device)
+    w_u = parts.unembedding if parts is not None else torch.randn(lens.d_model, 8192, device=lens.adapter.device)
     x = torch.randn(256, w_u.shape[0], dtype=w_u.dtype, device=w_u.device)
     x @ w_u  # warm-up
     return 2 * x.shape[0] * w_u.shape[0] * w_u.shape[1] / _timed(lambda: x @ w_u)
