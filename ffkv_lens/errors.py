@@ -14,6 +14,7 @@ __all__ = [
     "ConfigError",
     "CorpusError",
     "CorpusNotAvailableError",
+    "DamagedFileError",
     "FfkvLensError",
     "HookNotFiredError",
     "MissingActivationsError",
@@ -70,3 +71,10 @@ class CheckpointMismatchError(FfkvLensError):
 
 class RunFolderError(FfkvLensError):
     """A run folder is finished, or belongs to a run with other settings or another model."""
+
+
+class DamagedFileError(FfkvLensError):
+    """A file ffkv_lens reads back is truncated, malformed or holds values of the wrong type or range.
+
+    The message names the file, what is wrong with it and how to get a sound copy.
+    """
