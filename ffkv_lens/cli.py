@@ -115,11 +115,13 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from ffkv_lens.pipeline import missing_figures, write_figures
+    from ffkv_lens.pipeline import FIGURES, missing_figures, write_figures
     from ffkv_lens.report import RunFolder, write_report
 
     run = RunFolder(args.run_dir)
-    if missing_figures(run.path):
+    if missing := missing_figures(run.path):
+        for name in missing:
+            run.table(FIGURES[name][1])  # a damaged table: one-line DamagedFileError before drawing
         drawn = write_figures(run.path, run.manifest.get("layout", {}).get("n_layers"))["figures"]
         print(f"redrew figures from their tables: {', '.join(drawn)}")
     print(write_report(run.path, per_category=args.per_category, examples=args.examples))

@@ -72,6 +72,7 @@ CASES = [
     ("k-string", _edit_json("atlas/manifest.json", _set(("settings", "k"), "4")), "atlas/manifest.json", False),
     ("top-k-string", _edit_json("values/manifest.json", _set(("settings", "top_k"), "ten")), "values/manifest", False),
     ("tables-garbled", _garble_tables, ".csv", True),
+    ("tables-garbled-no-figures", lambda run: (_garble_tables(run), shutil.rmtree(run / "figures")), ".csv", False),
     ("units-missing", _remove("atlas/units.safetensors"), "units.safetensors", False),
     ("values-missing", _remove("values/projection.safetensors"), "projection.safetensors", False),
 ]
