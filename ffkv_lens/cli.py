@@ -129,11 +129,13 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from ffkv_lens.pipeline import missing_figures, write_figures
+    from ffkv_lens.pipeline import FIGURES, missing_figures, write_figures
     from ffkv_lens.report import RunFolder, write_report
 
     run = RunFolder(args.run_dir)
-    if missing_figures(run.path):
+    if missing := missing_figures(run.path):
+        for name in missing:
+            run.table(FIGURES[name][1])  # a damaged table: one-line DamagedFileError before drawing
         drawn = write_figures(run.path, run.manifest.get("layout", {}).get("n_layers"))["figures"]
         print(f"redrew figures from their tables: {', '.join(drawn)}")
     print(write_report(run.path, per_category=args.per_category, examples=args.examples))
@@ -279,27 +281,56 @@ def _cmd_layout(model_name: str, device: str | None, dtype_name: str) -> int:
     return 0
 
 
+REPORT_BUG = "ffkv-lens: this is a bug in ffkv-lens; please report it with the traceback above and the command you ran."
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code (0 success, 2 usage or input error)."""
+    """Run the command line; returns the exit code.
+
+    0: success. 2: a usage or input error (a bad argument, a missing or damaged file), printed as one line.
+    130: interrupted (Ctrl-C). 1: a bug in ffkv-lens: the traceback, then a line asking to report it.
+    """
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
-        if args.command == "models":
-            return _cmd_models()
-        if args.command == "run":
-            return _cmd_run(args)
-        if args.command == "browse":
-            return _cmd_browse(args)
-        if args.command == "report":
-            return _cmd_report(args)
-        if args.command == "show":
-            return _cmd_show(args)
-        if args.command == "compare":
-            return _cmd_compare(args)
-        return _cmd_layout(args.model, args.device, args.dtype)
+        return _dispatch(args)
     except FfkvLensError as err:
-        print(f"ffkv-lens: error: {err}", file=sys.stderr)
+        print(f"ffkv-lens: error: {_one_line(str(err))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("ffkv-lens: interrupted", file=sys.stderr)
+        return 130
+    except OSError as err:  # a file the user named cannot be read or written (permissions, a folder in the way)
+        where = f" {err.filename}" if err.filename else ""
+        print(f"ffkv-lens: error: cannot access{where}: {err.strerror or err}; check the path and its permissions.",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    except Exception:  # noqa: BLE001 - anything else is a bug: show it, ask for a report
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+        print(REPORT_BUG, file=sys.stderr)
+        return 1
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split("\n")).strip()
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "models":
+        return _cmd_models()
+    if args.command == "run":
+        return _cmd_run(args)
+    if args.command == "browse":
+        return _cmd_browse(args)
+    if args.command == "report":
+        return _cmd_report(args)
+    if args.command == "show":
+        return _cmd_show(args)
+    if args.command == "compare":
+        return _cmd_compare(args)
+    return _cmd_layout(args.model, args.device, args.dtype)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ __all__ = [
     "ConfigError",
     "CorpusError",
     "CorpusNotAvailableError",
+    "DamagedFileError",
     "DiskFullError",
     "FfkvLensError",
     "HookNotFiredError",
@@ -80,3 +81,10 @@ class RunFolderError(FfkvLensError):
 
 class RankFailedError(FfkvLensError):
     """Another rank of a distributed run (``torchrun``) failed; this rank stops with its message."""
+
+
+class DamagedFileError(FfkvLensError):
+    """A file ffkv_lens reads back is truncated, malformed or holds values of the wrong type or range.
+
+    The message names the file, what is wrong with it and how to get a sound copy.
+    """

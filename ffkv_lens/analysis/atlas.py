@@ -22,8 +22,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ffkv_lens.errors import AtlasMismatchError, ConfigError
+from ffkv_lens.errors import AtlasMismatchError, ConfigError, DamagedFileError
 from ffkv_lens.storage import atomic_folder, read_json
+from ffkv_lens.storage.reading import load_tensors, short
 
 __all__ = ["LayerTopK", "TriggerAtlas", "TriggerExample", "UnitStore", "tokenizer_fingerprint"]
 
@@ -286,21 +287,38 @@ class TriggerAtlas:
 
     @classmethod
     def load(cls, path: str | Path, *, tokenizer: Any = None) -> "TriggerAtlas":
-        """Load a saved atlas (no pickle); the saved tokenizer is used unless one is given."""
-        from safetensors.torch import load_file
+        """Load a saved atlas (no pickle); the saved tokenizer is used unless one is given.
+
+        Raises:
+            AtlasMismatchError: The folder holds another format.
+            DamagedFileError: A file is missing or truncated, or its content contradicts the manifest
+                (types, ranges, tensor shapes and dtypes, examples pointing outside the stored units).
+        """
+        from ffkv_lens.analysis import checks
 
         path = Path(path)
         manifest = read_json(path / "manifest.json")
+        if not isinstance(manifest, dict):
+            raise DamagedFileError(
+                f"{path / 'manifest.json'} holds {short(manifest)}, not a JSON object; {checks.ATLAS_FIX}."
+            )
         if manifest.get("format") != FORMAT:
-            raise AtlasMismatchError(f"{path} has format {manifest.get('format')!r}; this version reads {FORMAT!r}.")
-        tensors = load_file(str(path / "atlas.safetensors"))
-        top = _tables(tensors, "top", manifest["layers"])
-        bottom = _tables(tensors, "bottom", manifest["layers"]) if manifest["settings"]["signed"] else None
-        units = UnitStore(**load_file(str(path / "units.safetensors")))
+            raise AtlasMismatchError(
+                f"{path / 'manifest.json'} has format {short(manifest.get('format'))}; this version reads "
+                f"{FORMAT!r}: pass a folder written by this version of ffkv-lens."
+            )
+        shape = checks.check_manifest(manifest, path / "manifest.json")
+        tensors = load_tensors(path / "atlas.safetensors", fix=checks.ATLAS_FIX)
+        shape.d_mlp = checks.check_tables(tensors, shape, path / "atlas.safetensors")
+        top = _tables(tensors, "top", shape.layers)
+        bottom = _tables(tensors, "bottom", shape.layers) if shape.signed else None
+        units_path = path / "units.safetensors"
+        parts = checks.check_units(load_tensors(units_path, fix=checks.ATLAS_FIX), units_path, shape.d_vocab)
+        for tables in (top, bottom or {}):
+            checks.check_references(tables, parts, units_path)
+        units = UnitStore(**parts)
         if tokenizer is None and (path / "tokenizer").is_dir():
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
+            tokenizer = _load_tokenizer(path / "tokenizer")
         return cls(top, bottom, units, manifest, tokenizer, tensors.get("corpus.next_token_counts"))
 
     def check_matches(self, lens: Any) -> None:
@@ -316,6 +334,17 @@ class TriggerAtlas:
                 f"This atlas was made with another model ({self.manifest.get('model')!r}): {'; '.join(diffs)}. "
                 "Load the model it was made with, or search again."
             )
+
+
+def _load_tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as err:  # noqa: BLE001 - tokenizers raise many types on damaged JSON
+        raise DamagedFileError(
+            f"{folder} holds no readable tokenizer ({short(str(err), 120)}); restore the atlas folder or search again."
+        ) from None
 
 
 def _tables(tensors: dict[str, Tensor], prefix: str, layers: list[int]) -> dict[int, LayerTopK]:

@@ -10,10 +10,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
+
 from ffkv_lens.analysis.atlas import UnitStore
+from ffkv_lens.analysis.checks import check_units
 from ffkv_lens.errors import CheckpointMismatchError
 from ffkv_lens.kernels import TopKState
 from ffkv_lens.storage import atomic_folder, read_json
+from ffkv_lens.storage.reading import check_tensor, field, load_tensors
 
 __all__ = ["read_checkpoint", "write_checkpoint"]
 
@@ -50,27 +54,50 @@ def read_checkpoint(folder: Path, search: Any) -> bool:
     Raises:
         CheckpointMismatchError: If the checkpoint was written by a search with other settings,
             another corpus or another model; the message lists what differs.
+        DamagedFileError: ``progress.json`` or ``state.safetensors`` is truncated, of the wrong types or
+            shapes, or missing.
     """
-    from safetensors.torch import load_file
-
     path = folder / "checkpoint"
     if not (path / "progress.json").exists():
         return False
     record = read_json(path / "progress.json")
+    counts = _check_record(record, path / "progress.json")
     _check_identity(record["identity"], search.identity(), folder)
-    tensors = load_file(str(path / "state.safetensors"), device=str(search.adapter.device))
+    file = path / "state.safetensors"
+    tensors = load_tensors(file, device=str(search.adapter.device), fix=_FIX)
     for prefix, tables in (("top", search.top), ("bottom", search.bottom or {})):
-        for layer in tables:
-            tables[layer] = TopKState(*(tensors[f"{prefix}.{layer}.{name}"] for name in _FIELDS))
-    units = UnitStore(**{name: tensors[f"units.{name}"].cpu() for name in ("unit_ids", "doc_ids", "offsets", "tokens")})
+        for layer, state in tables.items():
+            tables[layer] = TopKState(*(_like(tensors, f"{prefix}.{layer}.{name}", getattr(state, name), file)
+                                        for name in _FIELDS))  # fmt: skip
+    stored = {name: tensors[f"units.{name}"].cpu() for name in _UNITS if f"units.{name}" in tensors}
+    parts = check_units(stored, file, None)
+    units = UnitStore(**parts)
     search._units = {int(u): units.get(int(u)) for u in units.unit_ids.tolist()}
-    search.next_token_counts = tensors["corpus.next_token_counts"].cpu()
-    search.progress.units = record["progress"]["units"]
-    search.progress.tokens = record["progress"]["tokens"]
-    search.progress.batches = record["progress"]["batches"]
-    search.progress.seconds = record["seconds"]
+    counts_now = search.next_token_counts
+    search.next_token_counts = _like(tensors, "corpus.next_token_counts", counts_now, file).cpu()
+    search.progress.units, search.progress.tokens, search.progress.batches = counts
+    search.progress.seconds = float(record["seconds"])
     search._has_bos = record["has_bos"]
     return True
+
+
+_FIX = "the checkpoint is damaged: delete its checkpoint/ folder to start the search afresh"
+_UNITS = ("unit_ids", "doc_ids", "offsets", "tokens")
+
+
+def _check_record(record: Any, path: Path) -> tuple[int, int, int]:
+    field(record, "identity", dict, path, fix=_FIX)
+    progress = field(record, "progress", dict, path, fix=_FIX)
+    counts = tuple(field(progress, f"progress.{n}", int, path, low=0, fix=_FIX) for n in ("units", "tokens", "batches"))
+    field(record, "seconds", float, path, low=0, fix=_FIX)
+    field(record, "has_bos", bool, path, fix=_FIX)
+    return counts  # type: ignore[return-value]
+
+
+def _like(tensors: dict[str, Tensor], name: str, current: Tensor, path: Path) -> Tensor:
+    """``tensors[name]``, checked to have the shape and kind (float or integer) of what the search holds now."""
+    kind = "float" if current.dtype.is_floating_point else "int"
+    return check_tensor(tensors, name, path, shape=tuple(current.shape), kind=kind, fix=_FIX)
 
 
 def _check_identity(saved: dict[str, Any], current: dict[str, Any], folder: Path) -> None:

@@ -27,8 +27,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ffkv_lens.analysis.vocab import EXP_FLOOR, logsumexp_rows
-from ffkv_lens.errors import AtlasMismatchError, ConfigError
+from ffkv_lens.errors import AtlasMismatchError, ConfigError, DamagedFileError
 from ffkv_lens.storage import atomic_folder, read_json
+from ffkv_lens.storage.reading import check_tensor, load_tensors, short
 
 __all__ = [
     "ValueProjection",
@@ -250,26 +251,41 @@ class ValueProjection:
 
     @classmethod
     def load(cls, path: str | Path, *, lens: Any = None, tokenizer: Any = None) -> "ValueProjection":
-        """Load a saved projection; pass ``lens`` (checked against the saved layout) to use :meth:`rank_of`."""
-        from safetensors.torch import load_file
+        """Load a saved projection; pass ``lens`` (checked against the saved layout) to use :meth:`rank_of`.
+
+        Raises:
+            AtlasMismatchError: Another format, or a ``lens`` of other sizes.
+            DamagedFileError: A file is missing or truncated, or its content contradicts the manifest.
+        """
+        from ffkv_lens.analysis import checks
 
         path = Path(path)
         manifest = read_json(path / "manifest.json")
+        if not isinstance(manifest, dict):
+            raise DamagedFileError(
+                f"{path / 'manifest.json'} holds {short(manifest)}, not a JSON object; {checks.VALUES_FIX}."
+            )
         if manifest.get("format") != FORMAT:
-            raise AtlasMismatchError(f"{path} has format {manifest.get('format')!r}; this version reads {FORMAT!r}.")
-        settings = manifest["settings"]
+            raise AtlasMismatchError(
+                f"{path / 'manifest.json'} has format {short(manifest.get('format'))}; this version reads "
+                f"{FORMAT!r}: pass a folder written by this version of ffkv-lens."
+            )
+        layers, settings = checks.check_values_manifest(manifest, path / "manifest.json")
         if lens is not None and (lens.d_vocab, lens.d_mlp) != (settings["d_vocab"], settings["d_mlp"]):
             raise AtlasMismatchError(
                 f"{path} was projected with d_vocab={settings['d_vocab']}, d_mlp={settings['d_mlp']}; the lens has "
                 f"d_vocab={lens.d_vocab}, d_mlp={lens.d_mlp}. Load it with the model it was made with."
             )
-        tensors = load_file(str(path / "projection.safetensors"))
-        parts = {name: {layer: tensors[f"{name}.{layer}"] for layer in manifest["layers"]} for name in _FIELDS}
+        file = path / "projection.safetensors"
+        tensors = load_tensors(file, fix=checks.VALUES_FIX)
+        parts = checks.check_values_tensors(tensors, layers, settings, file)
         target_ranks: dict[int, dict[int, Tensor]] = {}
-        for key, tensor in tensors.items():
+        for key in tensors:
             if key.startswith("target_ranks."):
-                _, sign, layer = key.split(".")
-                target_ranks.setdefault(int(sign), {})[int(layer)] = tensor
+                sign, layer = checks.target_key(key, layers, file)
+                target_ranks.setdefault(sign, {})[layer] = check_tensor(
+                    tensors, key, file, shape=(settings["d_mlp"], 2), kind="int", fix=checks.VALUES_FIX
+                )
         return cls(**parts, settings=settings, lens=lens, tokenizer=tokenizer, target_ranks=target_ranks)
 
 

@@ -17,6 +17,7 @@ from ffkv_lens.browser.index import normalize_token
 from ffkv_lens.browser.text import context_keys, decode_contexts, decode_tokens
 from ffkv_lens.errors import RunFolderError
 from ffkv_lens.storage import read_json
+from ffkv_lens.storage.reading import check_columns, read_table
 
 __all__ = ["fill_index"]
 
@@ -176,20 +177,22 @@ def _insert_tokens(conn: sqlite3.Connection, tokenizer: Any, values: Any, d_mlp:
 
 
 def _read_table(folder: Path, name: str, columns: list[str]) -> Any:
-    import pandas as pd
+    from ffkv_lens.report.memories import RUN_FIX
 
     path = folder / "tables" / f"{name}.csv"
     if not path.is_file():
         return None
     # Tokens such as "null", "NA" or "None" are text, not missing values; a "\r" token is written unquoted
     # (pandas quotes only the "\n" line terminator), so only "\n" may end a row.
-    frame = pd.read_csv(path, keep_default_na=False, na_values=[""], lineterminator="\n")
+    frame = read_table(path, keep_default_na=False, na_values=[""], lineterminator="\n", fix=RUN_FIX)
     if "agrees" in frame:
         frame["agrees"] = frame["agrees"].map({True: 1, False: 0, "True": 1, "False": 0})
     missing = [c for c in ("layer", "key", *columns) if c not in frame.columns]
     if missing:
         log.warning("%s lacks columns %s; its scores are not shown", path, missing)
         return None
+    numbers = tuple(c for c in ("precision_at_k", "rank", "shallow_score") if c in columns)
+    frame = check_columns(frame, path, ints=("layer", "key"), numbers=numbers, fix=RUN_FIX)
     return frame[["layer", "key", *columns]]
 
 

@@ -92,7 +92,12 @@ def normalize_token(text: str) -> str:
 
 
 def check_run_folder(folder: str | os.PathLike) -> Path:
-    """The run folder as a Path, or :class:`RunFolderError` naming what is missing."""
+    """The run folder as a Path, or :class:`RunFolderError` naming what is missing.
+
+    Raises:
+        RunFolderError: The folder, its manifest or its atlas is missing.
+        DamagedFileError: The manifest is not JSON or holds fields of the wrong type.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise RunFolderError(f"run folder {str(folder)!r} does not exist; pass the --out folder of `ffkv-lens run`.")
@@ -100,8 +105,12 @@ def check_run_folder(folder: str | os.PathLike) -> Path:
         raise RunFolderError(
             f"{str(folder)!r} is not a run folder (no manifest.json); pass the --out folder of `ffkv-lens run`."
         )
+    from ffkv_lens.report.memories import check_run_manifest
+
+    manifest = read_json(folder / "manifest.json")
+    check_run_manifest(manifest, folder / "manifest.json")
     if not (folder / "atlas" / "manifest.json").is_file():
-        status = read_json(folder / "manifest.json").get("status", "unknown")
+        status = manifest.get("status", "unknown")
         raise RunFolderError(
             f"{str(folder)!r} has no trigger atlas yet (run status {status!r}); let `ffkv-lens run` finish its "
             "triggers step (re-run the same command to resume it), then browse."

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from ffkv_lens.analysis.triggers import library_versions
+from ffkv_lens.comparison import checks
 from ffkv_lens.comparison.curves import CURVES, plot_overlay, tidy_curves
 from ffkv_lens.comparison.matching import MatchResult, flat_to_memory
 from ffkv_lens.errors import ConfigError, RunFolderError
@@ -38,6 +39,7 @@ from ffkv_lens.pipeline import write_table
 from ffkv_lens.report.memories import RunFolder
 from ffkv_lens.storage import atomic_write_json, read_json
 from ffkv_lens.storage.layout import COMPARISON, claim_folder
+from ffkv_lens.storage.reading import read_table, short
 
 __all__ = ["COMPARE_FORMAT", "MATCH_COLUMNS", "Comparison", "compare"]
 
@@ -73,6 +75,7 @@ class Comparison:
 
         Raises:
             RunFolderError: The folder is missing or is not a comparison folder.
+            DamagedFileError: Its manifest or a table is damaged (wrong types, missing columns).
         """
         path = Path(path)
         manifest_path = path / "manifest.json"
@@ -81,13 +84,14 @@ class Comparison:
                                  "`ffkv-lens compare`.")  # fmt: skip
         manifest = read_json(manifest_path)
         if not isinstance(manifest, dict) or manifest.get("format") != COMPARE_FORMAT:
-            found = manifest.get("format") if isinstance(manifest, dict) else None
-            raise RunFolderError(f"{str(path)!r} holds a manifest of format {found!r}, not {COMPARE_FORMAT!r}.")
-        curves = pd.read_csv(path / "tables" / "curves.csv", lineterminator="\n")
-        matches_path = path / "tables" / "matches.csv"
+            found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+            raise RunFolderError(f"{str(path)!r} holds a manifest of format {short(found)}, not {COMPARE_FORMAT!r}.")
+        checks.check_comparison_manifest(manifest, manifest_path)
+        curves_path, matches_path = path / "tables" / "curves.csv", path / "tables" / "matches.csv"
+        curves = checks.check_curves(read_table(curves_path, lineterminator="\n", fix=checks.COMPARE_FIX), curves_path)
         matches = (
-            pd.read_csv(matches_path, lineterminator="\n") if matches_path.is_file()
-            else pd.DataFrame(columns=MATCH_COLUMNS)
+            checks.check_matches(read_table(matches_path, lineterminator="\n", fix=checks.COMPARE_FIX), matches_path)
+            if matches_path.is_file() else pd.DataFrame(columns=MATCH_COLUMNS)
         )  # fmt: skip
         return cls(path, manifest, curves, matches)
 

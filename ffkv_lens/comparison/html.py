@@ -82,8 +82,9 @@ def _runs(comparison: Comparison) -> str:
     m = comparison.manifest
     rows = "".join(
         f"<tr><td class=k>{_e(r['label'])}</td><td class=k><code>{_e(r['model'])}</code></td>"
-        f"<td>{r['n_layers']}</td><td>{r['d_mlp']:,}</td><td class=k><code>{_e(r['corpus_fingerprint'])}</code>"
-        f"</td><td class=k><code>{_e(r['path'])}</code></td></tr>"
+        f"<td>{_e(r['n_layers'])}</td><td>{_e(_number(r['d_mlp']))}</td>"
+        f"<td class=k><code>{_e(r['corpus_fingerprint'])}</code></td>"
+        f"<td class=k><code>{_e(r['path'])}</code></td></tr>"
         for r in m["runs"]
     )
     warn = (
@@ -126,7 +127,7 @@ def _matches(comparison: Comparison) -> str:
         "<b>key</b> (correlation of the two keys' coefficients over the same sentences, at positions where both "
         "models have read the same text). Each score's best match is calibrated against a permutation null "
         "(values: vocabulary shuffled within surface classes; keys: token types shuffled within frequency "
-        f"blocks); a best match is <b>significant</b> when its q-value is at most {fdr}. See docs/compare.md.</p>"
+        f"blocks); a best match is <b>significant</b> when its q-value is at most {_e(fdr)}. See docs/compare.md.</p>"
     ]
     frame = comparison.matches
     for pair in m["pairs"]:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ffkv_lens.report.memories import ANALYSIS_STEPS, CATEGORIES, MemoryCard, RunFolder, printable
-from ffkv_lens.storage import atomic_write_bytes, read_json
+from ffkv_lens.storage import atomic_write_bytes
 
 __all__ = ["render_report", "write_report"]
 
@@ -235,7 +235,7 @@ def _triggers(run: RunFolder) -> str:
     path = run.path / "atlas" / "manifest.json"
     if not run.done("triggers") or not path.is_file():
         return _not_run()
-    atlas = read_json(path)
+    atlas = run.atlas.manifest  # checked on load: progress counts are integers, layers a list of integers
     progress = atlas.get("progress", {})
     summary = {
         "tokens searched": f"{progress.get('tokens', 0):,}",
@@ -323,13 +323,15 @@ def _gallery(run: RunFolder, per_category: int, examples: int) -> str:
         "(only the keys it tested). Each card: the key's top trigger examples with the peak token "
         '<mark class="peak">highlighted</mark> and the token that followed (→), the coefficient m, and the value\'s '
         "top and bottom tokens in the vocabulary (logit on hover).</p>",
-        '<p class="layer-index">' + "".join(f'<a href="#layer-{layer}">layer {layer}</a>' for layer in layers) + "</p>",
+        '<p class="layer-index">'
+        + "".join(f'<a href="#layer-{_e(layer)}">layer {_e(layer)}</a>' for layer in layers)
+        + "</p>",
     ]
     for layer in layers:
-        parts.append(f'<details open id="layer-{layer}"><summary><b>Layer {layer}</b></summary>')
+        parts.append(f'<details open id="layer-{_e(layer)}"><summary><b>Layer {_e(layer)}</b></summary>')
         for pick in run.gallery(layer, per_category):
             title = CATEGORIES[pick.category][0]
-            parts.append(f"<h3>Layer {layer}: {_e(title)}</h3>")
+            parts.append(f"<h3>Layer {_e(layer)}: {_e(title)}</h3>")
             if pick.note == "not run":
                 parts.append(_not_run(f"not run (the {CATEGORIES[pick.category][1]} step did not finish)"))
                 continue
@@ -378,7 +380,7 @@ def _card(card: MemoryCard) -> str:
             + "</p>"
         )
     return (
-        f'<article class="card"><h4>L{card.layer} · key {card.key}</h4>'
+        f'<article class="card"><h4>L{_e(card.layer)} · key {_e(card.key)}</h4>'
         f'<p class="metrics">{_e(" · ".join(metrics))}</p>'
         f"<ol>{''.join(items) or '<li>no trigger examples</li>'}</ol>{values}</article>"
     )

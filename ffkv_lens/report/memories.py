@@ -17,8 +17,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from ffkv_lens.errors import ConfigError, RunFolderError
+from ffkv_lens.errors import ConfigError, DamagedFileError, RunFolderError
 from ffkv_lens.storage import read_json
+from ffkv_lens.storage.reading import check_columns, field, read_table
 
 __all__ = [
     "ANALYSIS_STEPS",
@@ -27,6 +28,7 @@ __all__ = [
     "GalleryPick",
     "MemoryCard",
     "RunFolder",
+    "check_run_manifest",
     "format_card",
     "printable",
 ]
@@ -41,6 +43,14 @@ CATEGORIES = {
     "shallow": ("Most shallow (mutation test)", "mutation"),
     "semantic": ("Most semantic (mutation test)", "mutation"),
 }
+RUN_FIX = "the run folder is damaged: restore it, or re-run `ffkv-lens run` into a new --out"
+# Columns readers of a table rely on: (integer-valued, numeric, any); per-layer tables: "layer" and their CIs.
+_TABLE_COLUMNS = {
+    "agreement_per_memory": (("layer", "key"), ("top1_next_token_id", "rank", "precision_at_k", "n_examples"),
+                             ("agrees",)),
+    "mutation_per_key": (("layer", "key"), ("change_first", "change_last", "change_random", "shallow_score"),
+                         ("kind",)),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -127,6 +137,7 @@ class RunFolder:
                 f"{str(path)!r} holds a manifest.json of format {found!r}, not an ffkv-lens run ({RUN_FORMAT}...); "
                 "pass the folder given to `ffkv-lens run --out`."
             )
+        check_run_manifest(self.manifest, self.path / "manifest.json")
         self._tables: dict[str, Any] = {}
 
     def __repr__(self) -> str:
@@ -147,19 +158,22 @@ class RunFolder:
         return self.manifest.get("status") == "finished" or all(self.done(s) for s in ANALYSIS_STEPS)
 
     def table(self, name: str) -> Any:
-        """``tables/<name>.csv`` as a DataFrame, or None when it was not written."""
-        if name not in self._tables:
-            import pandas as pd
+        """``tables/<name>.csv`` as a DataFrame, or None when it was not written.
 
+        Raises:
+            DamagedFileError: The file is not a CSV table or lacks the columns (and number types) readers use.
+        """
+        if name not in self._tables:
             path = self.path / "tables" / f"{name}.csv"
             # Only "\n" ends a row: a decoded token "\r" is written unquoted by to_csv.
-            self._tables[name] = pd.read_csv(path, lineterminator="\n") if path.is_file() else None
+            frame = read_table(path, lineterminator="\n", fix=RUN_FIX) if path.is_file() else None
+            self._tables[name] = None if frame is None else _check_table(name, frame, path)
         return self._tables[name]
 
     def settings(self, name: str) -> dict[str, Any] | None:
         """``tables/<name>_settings.json``, or None."""
         path = self.path / "tables" / f"{name}_settings.json"
-        return read_json(path) if path.is_file() else None
+        return field({"settings": read_json(path)}, "settings", dict, path, fix=RUN_FIX) if path.is_file() else None
 
     def figure(self, name: str) -> Path | None:
         """``figures/<name>.svg`` (else ``.png``), or None when it was not drawn."""
@@ -285,6 +299,40 @@ class RunFolder:
             frame = frame[frame["layer"] == layer]
             picks.append(_pick(name, frame, per_category, picks))
         return picks
+
+
+def check_run_manifest(m: dict[str, Any], path: Path) -> None:
+    """Raise :class:`DamagedFileError` unless the run manifest's fields have the types readers rely on.
+
+    Sections (``config``, ``layout``, ...) may be absent (a run that stopped early) but not ``null``.
+    """
+    for name in ("config", "model", "layout", "corpus", "versions", "steps", "distributed", "identity"):
+        field(m, name, dict, path, optional=name not in m, fix=RUN_FIX)
+    for name in ("status", "started", "finished", "format"):
+        field(m, name, str, path, optional=name not in m, fix=RUN_FIX)
+    field(m.get("config") or {}, "config.model", str, path, optional=True, fix=RUN_FIX)
+    field(m.get("config") or {}, "config.corpus", str, path, optional=True, fix=RUN_FIX)
+    for name in ("n_layers", "d_mlp", "d_vocab"):
+        field(m.get("layout") or {}, f"layout.{name}", int, path, low=1, optional=True, fix=RUN_FIX)
+    if m.get("layout") is not None and not isinstance((m.get("config") or {}).get("model"), str):
+        raise DamagedFileError(f"{path}: 'config.model' is missing although the run has a layout; {RUN_FIX}.")
+    field(m.get("corpus") or {}, "corpus.fingerprint", str, path, optional=True, fix=RUN_FIX)
+    field(m.get("corpus") or {}, "corpus.name", str, path, optional=True, fix=RUN_FIX)
+    for step in m.get("steps") or {}:
+        info = field(m["steps"], f"steps.{step}", dict, path, fix=RUN_FIX)
+        field(info, f"steps.{step}.seconds", float, path, low=0, optional=True, fix=RUN_FIX)
+
+
+def _check_table(name: str, frame: Any, path: Path) -> Any:
+    ints, numbers, strings = _TABLE_COLUMNS.get(name, (("layer",), (), ()))
+    if name not in _TABLE_COLUMNS:
+        numbers = tuple(c for c in frame.columns if str(c).endswith(("_ci_low", "_ci_high")))
+    frame = check_columns(frame, path, ints=ints, numbers=numbers, strings=strings, fix=RUN_FIX)
+    if "agrees" in strings:
+        bad = frame["agrees"][~frame["agrees"].isna() & ~frame["agrees"].astype(str).isin(["True", "False"])]
+        if len(bad):
+            raise DamagedFileError(f"{path}: column 'agrees' holds {bad.iloc[0]!r}, not True or False; {RUN_FIX}.")
+    return frame
 
 
 def _pick(name: str, frame: Any, n: int, earlier: list[GalleryPick]) -> GalleryPick:
