@@ -143,7 +143,11 @@ class _Run:
     @classmethod
     def claim(cls, folder: Path, config: RunConfig, force: bool) -> FolderClaim:
         """Decide, writing nothing, whether ``folder`` may hold this run (refusals come before any loading)."""
+        from ffkv_lens.report.memories import check_run_manifest
+
         claim = claim_folder(folder, RUN, force=force)
+        if claim.manifest is not None:
+            check_run_manifest(claim.manifest, folder / "manifest.json")
         if claim.state == "resume":
             if claim.manifest.get("status") == "finished" and "report" in claim.manifest.get("steps", {}):
                 raise RunFolderError(f"{folder} holds a finished run; pass --force (force=True) to redo it.")

@@ -236,3 +236,16 @@ def test_cli_run_accepts_encoding_errors(capsys) -> None:
         main(["run", "--help"])
     shown = " ".join(capsys.readouterr().out.split())
     assert "--encoding-errors {strict,replace}" in shown and "(default strict)" in shown
+
+
+@pytest.mark.parametrize("field", ["identity", "steps", "status"])
+def test_resume_of_a_hand_edited_manifest_is_one_line(tiny_folder, corpus_file, tmp_path, capsys, field) -> None:
+    folder = _finished_run(tiny_folder, corpus_file, tmp_path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest[field] = [1, 2, 3]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    argv = ["run", "--model", str(tiny_folder("gpt2")), "--corpus", corpus_file, "--out", str(folder)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ffkv-lens: error: ") and err.count("\n") == 1 and field in err, err
