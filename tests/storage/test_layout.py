@@ -35,7 +35,8 @@ def test_remove_outputs_keeps_everything_else(tmp_path) -> None:
     run = tmp_path / "run"
     ours = ["manifest.json", "report.html", "browser.sqlite", "atlas/atlas.safetensors", "search/checkpoint/x",
             "tables/agreement_per_layer.csv", "tables/agreement_settings.json", "figures/rank.svg",
-            ".report.html.abc.tmp", ".atlas.k2j.old/previous/f", ".values.0123456789abcdef.lock", "tables/.t.csv.x1.tmp"]  # fmt: skip
+            ".report.html.abc.tmp", ".atlas.k2j.old/previous/f", ".values.0123456789abcdef.lock",
+            "tables/.t.csv.x1.tmp"]  # fmt: skip
     theirs = ["notes.md", "tables/README.txt", "mine/manifest.json", ".git/config", "atlas.bak/x", ".x.tmp"]
     for name in ours + theirs:
         _write(run / name)
