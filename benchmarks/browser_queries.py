@@ -2,9 +2,9 @@
 
 Measures, on RUN_DIR (e.g. a SmolLM2 run: 30 layers x 1536 keys x 50 examples x 2 signs):
 
-- ``build``: a full rebuild of ``RUN_DIR/browser.sqlite`` (wall seconds, file size), against the
-  baseline of decoding every example one by one with ``TriggerAtlas.examples`` (timed on a sample
-  of memories in the same run, extrapolated to all examples).
+- ``build``: a full rebuild of ``RUN_DIR/browser.sqlite`` (wall seconds, file size, bytes per example,
+  MB per table from SQLite's dbstat), against the baseline of decoding every example one by one with
+  ``TriggerAtlas.examples`` (timed on a sample of memories in the same run, extrapolated to all examples).
 - ``parity``: index text vs ``TriggerAtlas.examples`` on a random sample of memories (must be 0 mismatches).
 - ``queries``: end-to-end HTTP latency (new connection per request, as the page makes them) of
   each route, on distinct random arguments, after a warm-up: median, p90 and max in milliseconds.
@@ -56,7 +56,23 @@ def time_build(run_dir: Path) -> dict:
     with BrowserIndex(path) as index:
         meta = index.info()
     keep = ("n_examples", "n_contexts", "n_units", "units_by_offsets", "layers", "d_mlp", "k", "model")
-    return {"seconds": round(seconds, 2), "size_mb": round(path.stat().st_size / 2**20, 1)} | {k: meta[k] for k in keep}
+    size = path.stat().st_size
+    return {
+        "seconds": round(seconds, 2), "size_mb": round(size / 2**20, 1),
+        "bytes_per_example": round(size / max(meta["n_examples"], 1), 1), "tables_mb": table_sizes(path),
+    } | {k: meta[k] for k in keep}  # fmt: skip
+
+
+def table_sizes(path: Path) -> dict[str, float]:
+    """Megabytes (10**6 bytes) per table and index, from SQLite's dbstat (empty when SQLite lacks it)."""
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        rows = conn.execute("SELECT name, SUM(pgsize) AS size FROM dbstat GROUP BY name ORDER BY size DESC").fetchall()
+    except sqlite3.OperationalError:
+        rows = []
+    finally:
+        conn.close()
+    return {name: round(size / 1e6, 1) for name, size in rows}
 
 
 def time_baseline(atlas, n_memories: int, n_examples: int, rng: random.Random) -> dict:
@@ -181,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
 
     build = time_build(args.run_dir)
     print(f"build: {build['seconds']} s, {build['size_mb']} MB, {build['n_examples']:,} examples")
+    print("tables (MB): " + ", ".join(f"{name} {mb}" for name, mb in list(build["tables_mb"].items())[:6]))
     index_path = args.run_dir / "browser.sqlite"
     atlas = TriggerAtlas.load(args.run_dir / "atlas")
     baseline = time_baseline(atlas, args.baseline_memories, build["n_examples"], rng)

@@ -43,18 +43,13 @@ def fill_index(conn: sqlite3.Connection, folder: Path, *, progress: bool = False
         contexts = decode_contexts(atlas.units, atlas.tokenizer, unique)
         _insert_contexts(conn, contexts)
         bar.update()
-        start = 0
-        for part in parts:
-            stop = start + part["keys"].size
-            _insert_examples(conn, part, inverse[start:stop])
-            start = stop
-            bar.update()
-        bar.update(2 * len(atlas.layers) - len(parts))
-        found = _insert_memories(conn, folder, atlas, parts)
+        dtypes = _insert_examples(conn, parts, inverse, n_contexts=len(contexts.prefixes), k=atlas.k)
+        bar.update(2 * len(atlas.layers))
+        found = _insert_memories(conn, folder, atlas, parts, dtypes)
         bar.update()
         _insert_layers(conn)
         bar.update()
-    return _meta(folder, atlas, found, n_examples=int(keys.size), contexts=contexts)
+    return {**_meta(folder, atlas, found, n_examples=int(keys.size), contexts=contexts), "dtypes": dtypes}
 
 
 def _example_parts(atlas: Any) -> list[dict[str, Any]]:
@@ -73,7 +68,7 @@ def _example_parts(atlas: Any) -> list[dict[str, Any]]:
                     "memory": layer * atlas.d_mlp + key,
                     "key": key,
                     "rank": rank,
-                    "coefficient": table.values.double().numpy()[key, rank],
+                    "coefficient": table.values.numpy()[key, rank],
                     "keys": context_keys(atlas.units, units[key, rank], positions[key, rank]),
                 }
             )
@@ -90,15 +85,75 @@ def _insert_contexts(conn: sqlite3.Connection, c: Any) -> None:
     conn.executemany("INSERT INTO context_fts(rowid, text) VALUES (?, ?)", texts)
 
 
-def _insert_examples(conn: sqlite3.Connection, part: dict[str, Any], context: np.ndarray) -> None:
-    rows = zip(
-        part["memory"].tolist(), [part["sign"]] * context.size, part["rank"].tolist(), context.tolist(),
-        part["coefficient"].tolist(), strict=True,
-    )  # fmt: skip
-    conn.executemany("INSERT INTO examples VALUES (?, ?, ?, ?, ?)", rows)
+def _insert_examples(
+    conn: sqlite3.Connection, parts: list[dict[str, Any]], context: np.ndarray, *, n_contexts: int, k: int
+) -> dict[str, str]:
+    """Examples packed per (memory, sign), and per context for the text search; returns the BLOB dtypes.
+
+    A (memory, sign) is coded ``memory * 2 + (sign == -1)``. Ranks are stored only when they are not
+    ``0..n-1``; the coefficients keep the atlas's precision (float32 when that is exact).
+    """
+    coefficients = np.concatenate([p["coefficient"] for p in parts]) if parts else np.zeros(0)
+    dtypes = {
+        "context": "<u2" if n_contexts <= 2**16 else "<u4",
+        "rank": "<u1" if k <= 2**8 else "<u4",
+        "code": "<u4",
+        "coefficient": _exact_float_dtype(coefficients),
+        "token_id": "<i4",
+        "logit": "<f8",  # set by _insert_tokens
+    }
+    codes = np.concatenate([p["memory"] * 2 + (p["sign"] == -1) for p in parts]) if parts else np.zeros(0, np.int64)
+    ranks = np.concatenate([p["rank"] for p in parts]) if parts else np.zeros(0, np.int64)
+    conn.executemany(
+        "INSERT INTO examples VALUES (?, ?, ?, ?)", _packed_rows(codes, ranks, context, coefficients, dtypes)
+    )
+    order = np.lexsort((ranks, codes, context))
+    starts, ends = _runs(context[order])
+    by_context, by_code, by_rank = (
+        context[order],
+        codes[order].astype(dtypes["code"]),
+        ranks[order].astype(dtypes["rank"]),
+    )
+    rows = (
+        (int(by_context[a]), by_code[a:b].tobytes(), by_rank[a:b].tobytes()) for a, b in zip(starts, ends, strict=True)
+    )
+    conn.executemany("INSERT INTO context_examples VALUES (?, ?, ?)", rows)
+    return dtypes
 
 
-def _insert_memories(conn: sqlite3.Connection, folder: Path, atlas: Any, parts: list[dict[str, Any]]) -> dict:
+def _packed_rows(
+    codes: np.ndarray, ranks: np.ndarray, context: np.ndarray, coefficients: np.ndarray, dtypes: dict[str, str]
+) -> Any:
+    """``(id, contexts, coefficients, ranks)`` per (memory, sign), in rank order; ranks None when ``0..n-1``."""
+    order = np.lexsort((ranks, codes))
+    codes, ranks = codes[order], ranks[order]
+    context, coefficients = context[order].astype(dtypes["context"]), coefficients[order].astype(dtypes["coefficient"])
+    for a, b in zip(*_runs(codes), strict=True):
+        rank = ranks[a:b]
+        contiguous = bool(np.array_equal(rank, np.arange(b - a)))
+        packed_ranks = None if contiguous else rank.astype(dtypes["rank"]).tobytes()
+        yield int(codes[a]), context[a:b].tobytes(), coefficients[a:b].tobytes(), packed_ranks
+
+
+def _runs(sorted_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end offsets of the runs of equal values in a sorted array."""
+    if sorted_values.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
+    return starts, np.r_[starts[1:], sorted_values.size]
+
+
+def _exact_float_dtype(values: np.ndarray) -> str:
+    """``"<f4"`` when float32 holds every value exactly (the atlas and projection store float32), else ``"<f8"``."""
+    values = np.asarray(values, dtype=np.float64)
+    with np.errstate(over="ignore"):
+        exact = np.array_equal(values.astype(np.float32).astype(np.float64), values, equal_nan=True)
+    return "<f4" if exact else "<f8"
+
+
+def _insert_memories(
+    conn: sqlite3.Connection, folder: Path, atlas: Any, parts: list[dict[str, Any]], dtypes: dict[str, str]
+) -> dict:
     """Memories (with value tokens and scores where the run has them), tokens and value_tokens."""
     import pandas as pd
 
@@ -110,7 +165,7 @@ def _insert_memories(conn: sqlite3.Connection, folder: Path, atlas: Any, parts: 
     found = {"values": False, "agreement": False, "mutation": False}
     values = _values_frame(folder, layers)
     if values is not None:
-        values = _insert_tokens(conn, atlas.tokenizer, values, d_mlp)
+        values = _insert_tokens(conn, atlas.tokenizer, values, d_mlp, dtypes)
         frame = frame.merge(values, on=["layer", "key"], how="left")
         found["values"] = True
     agreement = _read_table(folder, "agreement_per_memory", ["precision_at_k", "agrees", "rank", "top1_next_token"])
@@ -149,8 +204,11 @@ def _values_frame(folder: Path, layers: list[int]) -> Any:
     return frame if len(frame) else None
 
 
-def _insert_tokens(conn: sqlite3.Connection, tokenizer: Any, values: Any, d_mlp: int) -> Any:
-    """Decode every value token once; fill tokens, value_tokens, value_fts; returns values with JSON columns."""
+def _insert_tokens(conn: sqlite3.Connection, tokenizer: Any, values: Any, d_mlp: int, dtypes: dict[str, str]) -> Any:
+    """Decode every value token once; fill tokens, value_tokens, value_fts; returns values with packed columns.
+
+    Token texts become JSON lists, ids and logits packed BLOBs (``dtypes["logit"]`` is set here).
+    """
     values = values.copy()
     ids = np.array([t for col in ("top_ids", "bottom_ids") for row in values[col] for t in row], dtype=np.int64)
     text = decode_tokens(tokenizer, ids)
@@ -171,8 +229,11 @@ def _insert_tokens(conn: sqlite3.Connection, tokenizer: Any, values: Any, d_mlp:
         for m, top, bottom in zip(memory, values["top_ids"], values["bottom_ids"], strict=True)
     )
     conn.executemany("INSERT INTO value_fts(rowid, top, bottom) VALUES (?, ?, ?)", fts)
-    for column in ("top_ids", "top_logits", "bottom_ids", "bottom_logits"):
-        values[column] = [json.dumps(row) for row in values[column]]
+    logits = [v for column in ("top_logits", "bottom_logits") for row in values[column] for v in row]
+    dtypes["logit"] = _exact_float_dtype(np.array(logits, dtype=np.float64))
+    for column, dtype in (("ids", dtypes["token_id"]), ("logits", dtypes["logit"])):
+        for side in ("top", "bottom"):
+            values[f"{side}_{column}"] = [np.asarray(row, dtype=dtype).tobytes() for row in values[f"{side}_{column}"]]
     return values
 
 

@@ -37,7 +37,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 INDEX_NAME = "browser.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: examples packed per (memory, sign), reverse lookup per context
 STALE_TEMP_SECONDS = 3600  # leftovers of killed builds older than this are removed on the next build
 _TABLE_FILES = ("agreement_per_memory.csv", "mutation_per_key.csv", "agreement_per_layer.csv", "mutation_per_layer.csv")
 
@@ -46,8 +46,8 @@ CREATE TABLE meta(name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE memories(
     id INTEGER PRIMARY KEY,                 -- layer * d_mlp + key
     layer INTEGER NOT NULL, key INTEGER NOT NULL,
-    top_ids TEXT, top_tokens TEXT, top_logits TEXT,           -- JSON lists, best first
-    bottom_ids TEXT, bottom_tokens TEXT, bottom_logits TEXT,  -- JSON lists, lowest first
+    top_ids BLOB, top_tokens TEXT, top_logits BLOB,           -- best first; tokens a JSON list
+    bottom_ids BLOB, bottom_tokens TEXT, bottom_logits BLOB,  -- lowest first; ids and logits packed (meta dtypes)
     max_prob REAL, precision_at_k REAL, agrees INTEGER, next_rank INTEGER, top1_next_token TEXT,
     shallow_score REAL, mutation_kind TEXT, n_top INTEGER NOT NULL, n_bottom INTEGER NOT NULL,
     UNIQUE(layer, key));
@@ -62,20 +62,20 @@ CREATE TABLE value_tokens(
 CREATE TABLE contexts(
     id INTEGER PRIMARY KEY, unit_id INTEGER NOT NULL, doc_id INTEGER NOT NULL, position INTEGER NOT NULL,
     prefix TEXT NOT NULL, peak_start INTEGER NOT NULL, next_token TEXT, next_token_id INTEGER);
-CREATE TABLE examples(
-    memory INTEGER NOT NULL, sign INTEGER NOT NULL, rank INTEGER NOT NULL,
-    context INTEGER NOT NULL, coefficient REAL NOT NULL,
-    PRIMARY KEY(memory, sign, rank)) WITHOUT ROWID;
-CREATE VIEW example_text AS
-    SELECT m.layer, m.key, e.sign, e.rank, c.unit_id, c.doc_id, c.position, e.coefficient, c.prefix,
-           substr(c.prefix, c.peak_start + 1) AS peak_token, c.next_token, c.next_token_id
-    FROM examples e JOIN memories m ON m.id = e.memory JOIN contexts c ON c.id = e.context;
+CREATE TABLE examples(                      -- one row per (memory, sign) with examples, in rank order
+    id INTEGER PRIMARY KEY,                 -- memory * 2 + (sign == -1)
+    contexts BLOB NOT NULL,                 -- context ids (meta dtypes.context)
+    coefficients BLOB NOT NULL,             -- the atlas's coefficients, exact (meta dtypes.coefficient)
+    ranks BLOB);                            -- NULL: ranks 0, 1, ..., n - 1; else meta dtypes.rank
+CREATE TABLE context_examples(              -- the reverse lookup: one row per context
+    context INTEGER PRIMARY KEY,
+    codes BLOB NOT NULL,                    -- memory * 2 + (sign == -1) of each example (meta dtypes.code)
+    ranks BLOB NOT NULL);                   -- each example's rank (meta dtypes.rank)
 CREATE VIRTUAL TABLE context_fts USING fts5(text, content='', tokenize='unicode61 remove_diacritics 2');
 CREATE VIRTUAL TABLE value_fts USING fts5(top, bottom, content='', tokenize='unicode61 remove_diacritics 2');
 """
 _INDEXES = """
 CREATE INDEX tokens_norm ON tokens(norm);
-CREATE INDEX examples_context ON examples(context);
 INSERT INTO context_fts(context_fts) VALUES('optimize');
 INSERT INTO value_fts(value_fts) VALUES('optimize');
 """

@@ -25,8 +25,11 @@ Example:
 
 import json
 import sqlite3
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ffkv_lens.browser.index import normalize_token
 from ffkv_lens.errors import ConfigError, RunFolderError
@@ -39,9 +42,7 @@ DEFAULT_LIMIT = 50
 NEIGHBOURS = 20  # memories listed as promoting the same top token
 TEXT_SEARCH_CONTEXTS = 500  # best-matching contexts a text search ranks memories over
 
-_EXAMPLES = """SELECT e.sign, e.rank, e.coefficient, c.unit_id, c.doc_id, c.position, c.prefix, c.peak_start,
-    c.next_token, c.next_token_id FROM examples e JOIN contexts c ON c.id = e.context
-    WHERE e.memory = ? ORDER BY e.sign DESC, e.rank"""
+_CONTEXT = "SELECT id, unit_id, doc_id, position, prefix, peak_start, next_token, next_token_id FROM contexts"
 # One row per memory: its best-ranked matching token (SQLite takes the bare columns from the {best}() row).
 _TOKEN_EXACT = """SELECT m.layer, m.key, t.token_id, t.text AS token, v.rank, {best}(v.logit) AS logit,
     COUNT(*) AS n_tokens FROM tokens t JOIN value_tokens v ON v.token_id = t.token_id AND v.side = ?
@@ -50,15 +51,8 @@ _TOKEN_COUNT = """SELECT COUNT(DISTINCT v.memory) FROM tokens t
     JOIN value_tokens v ON v.token_id = t.token_id AND v.side = ? WHERE t.norm = ?"""
 _TOKEN_WORDS = """SELECT m.layer, m.key, m.{side}_tokens AS tokens FROM value_fts f JOIN memories m ON m.id = f.rowid
     WHERE value_fts MATCH ? ORDER BY f.rank, m.id LIMIT ?"""
-_TEXT = """WITH hits AS (SELECT rowid AS context FROM context_fts WHERE context_fts MATCH ? ORDER BY rank LIMIT ?),
-    grouped AS MATERIALIZED (  -- only columns of the covering index examples_context: no table lookups
-        SELECT e.memory, e.sign, COUNT(*) AS n_matches, MIN(e.rank) AS best_rank, e.context
-        FROM hits JOIN examples e ON e.context = hits.context GROUP BY e.memory, e.sign
-        ORDER BY n_matches DESC, best_rank, e.memory, e.sign DESC LIMIT ?)
-    SELECT m.layer, m.key, g.sign, g.n_matches, g.best_rank, best.coefficient, c.prefix, c.peak_start, c.next_token
-    FROM grouped g JOIN memories m ON m.id = g.memory JOIN contexts c ON c.id = g.context
-    JOIN examples best ON best.memory = g.memory AND best.sign = g.sign AND best.rank = g.best_rank
-    ORDER BY g.n_matches DESC, g.best_rank, g.memory, g.sign DESC"""
+_TEXT_HITS = """SELECT h.context, ce.codes, ce.ranks FROM (SELECT rowid AS context FROM context_fts
+    WHERE context_fts MATCH ? ORDER BY rank LIMIT ?) h JOIN context_examples ce ON ce.context = h.context"""
 
 
 class ReadOnlyIndex:
@@ -104,6 +98,7 @@ class BrowserIndex(ReadOnlyIndex):
         super().__init__(path, "browser index", "build it with `ffkv-lens browse RUN_DIR`")
         self.layers: list[int] = self.meta["layers"]
         self.d_mlp: int = self.meta["d_mlp"]
+        self.dtypes: dict[str, np.dtype] = {name: np.dtype(d) for name, d in self.meta["dtypes"].items()}
 
     def info(self) -> dict[str, Any]:
         """What the index covers: model, layers, d_mlp, k, counts, which run outputs were found."""
@@ -125,14 +120,12 @@ class BrowserIndex(ReadOnlyIndex):
         """One memory: value tokens, scores, trigger examples of both signs, links to neighbours."""
         memory_id = self.memory_id(layer, key)
         row = dict(self.conn.execute("SELECT * FROM memories WHERE id = ?", (memory_id,)).fetchone())
-        examples: dict[str, list[dict[str, Any]]] = {"top": [], "bottom": []}
-        for ex in self.conn.execute(_EXAMPLES, (memory_id,)):
-            examples["top" if ex["sign"] == 1 else "bottom"].append(_example(ex))
+        examples = {"top": self._examples(memory_id * 2), "bottom": self._examples(memory_id * 2 + 1)}
         scores = ("max_prob", "precision_at_k", "agrees", "next_rank", "top1_next_token", "shallow_score")
         return {
             "layer": layer,
             "key": key,
-            "values": {side: _value_tokens(row, side) for side in ("top", "bottom")},
+            "values": {side: self._value_tokens(row, side) for side in ("top", "bottom")},
             "scores": {name: row[name] for name in (*scores, "mutation_kind")},
             "examples": examples,
             "neighbours": self._neighbours(layer, key, memory_id, row),
@@ -147,6 +140,36 @@ class BrowserIndex(ReadOnlyIndex):
         rows = self.conn.execute(f"SELECT id, top_tokens FROM memories WHERE id IN ({marks})", list(ids))
         return {ids[i]: json.loads(tokens)[:n] if tokens else [] for i, tokens in rows}
 
+    def _examples(self, code: int) -> list[dict[str, Any]]:
+        """The trigger examples of one (memory, sign) (``code = memory * 2 + (sign == -1)``), by rank."""
+        row = self.conn.execute("SELECT contexts, coefficients, ranks FROM examples WHERE id = ?", (code,)).fetchone()
+        if row is None:
+            return []
+        context_ids = np.frombuffer(row["contexts"], dtype=self.dtypes["context"]).tolist()
+        coefficients = np.frombuffer(row["coefficients"], dtype=self.dtypes["coefficient"]).tolist()
+        ranks = self._ranks(row["ranks"], len(context_ids))
+        contexts = self._contexts(context_ids)
+        return [
+            {"rank": rank, "coefficient": coefficient, **_context_fields(contexts[c])}
+            for rank, c, coefficient in zip(ranks, context_ids, coefficients, strict=True)
+        ]
+
+    def _ranks(self, packed: bytes | None, n: int) -> list[int]:
+        return list(range(n)) if packed is None else np.frombuffer(packed, dtype=self.dtypes["rank"]).tolist()
+
+    def _contexts(self, ids: Iterable[int]) -> dict[int, sqlite3.Row]:
+        ids = sorted(set(ids))
+        rows = self.conn.execute(f"{_CONTEXT} WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(ids),))
+        return {row["id"]: row for row in rows}
+
+    def _value_tokens(self, row: dict[str, Any], side: str) -> list[dict[str, Any]]:
+        if row[f"{side}_ids"] is None:
+            return []
+        ids = np.frombuffer(row[f"{side}_ids"], dtype=self.dtypes["token_id"]).tolist()
+        logits = np.frombuffer(row[f"{side}_logits"], dtype=self.dtypes["logit"]).tolist()
+        tokens = json.loads(row[f"{side}_tokens"])
+        return [{"token_id": i, "token": t, "logit": v} for i, t, v in zip(ids, tokens, logits, strict=True)]
+
     def _neighbours(self, layer: int, key: int, memory_id: int, row: dict[str, Any]) -> dict[str, Any]:
         at = self.layers.index(layer)
         link = lambda lay, k: {"layer": lay, "key": k}  # noqa: E731
@@ -157,15 +180,15 @@ class BrowserIndex(ReadOnlyIndex):
             "layer_above": link(self.layers[at + 1], key) if at + 1 < len(self.layers) else None,
             "same_top_token": [],
         }
-        if row["top_ids"]:
-            token_id = json.loads(row["top_ids"])[0]
+        top = self._value_tokens(row, "top")
+        if top:
             rows = self.conn.execute(
                 """SELECT m.layer, m.key, v.rank, v.logit FROM value_tokens v JOIN memories m ON m.id = v.memory
                 WHERE v.token_id = ? AND v.side = 1 AND v.memory != ? ORDER BY v.logit DESC, m.id LIMIT ?""",
-                (token_id, memory_id, NEIGHBOURS),
+                (top[0]["token_id"], memory_id, NEIGHBOURS),
             )
             out["same_top_token"] = [dict(r) for r in rows]
-            out["top_token"] = json.loads(row["top_tokens"])[0]
+            out["top_token"] = top[0]["token"]
         return out
 
     def search_token(self, query: str, *, sign: int = 1, limit: int = DEFAULT_LIMIT) -> dict[str, Any]:
@@ -200,22 +223,58 @@ class BrowserIndex(ReadOnlyIndex):
         try:
             n_contexts = self.conn.execute("SELECT COUNT(*) FROM context_fts WHERE context_fts MATCH ?", (match,))
             total = n_contexts.fetchone()[0]
-            rows = self.conn.execute(_TEXT, (match, TEXT_SEARCH_CONTEXTS, limit)).fetchall()
+            hits = self.conn.execute(_TEXT_HITS, (match, TEXT_SEARCH_CONTEXTS)).fetchall()
         except sqlite3.OperationalError as err:
             raise ConfigError(f"q={query!r} cannot be searched as text ({err}); use words and spaces.") from None
-        results = []
-        for r in rows:
-            hit = dict(r)
-            hit["example"] = _text_parts(hit.pop("prefix"), hit.pop("peak_start"), hit.pop("next_token"))
-            results.append(hit)
+        results = self._rank_text_hits(hits, limit)
         return {
             "query": query, "match": match, "contexts_matched": total,
             "contexts_ranked": min(total, TEXT_SEARCH_CONTEXTS), "results": results,
         }  # fmt: skip
 
+    def _rank_text_hits(self, hits: list[sqlite3.Row], limit: int) -> list[dict[str, Any]]:
+        """Memories by examples in the hit contexts, then best rank, memory, top before bottom; one example each."""
+        if not hits:
+            return []
+        codes = np.concatenate([np.frombuffer(h["codes"], dtype=self.dtypes["code"]) for h in hits]).astype(np.int64)
+        ranks = np.concatenate([np.frombuffer(h["ranks"], dtype=self.dtypes["rank"]) for h in hits]).astype(np.int64)
+        context = np.repeat(
+            [h["context"] for h in hits], [len(h["ranks"]) // self.dtypes["rank"].itemsize for h in hits]
+        )
+        counts = np.bincount(codes)
+        present = np.flatnonzero(counts)
+        # Only memories with at least the limit-th largest count can be ranked: group just their examples.
+        threshold = np.partition(counts[present], -min(limit, present.size))[-min(limit, present.size)]
+        keep = counts[codes] >= threshold
+        codes, ranks, context = codes[keep], ranks[keep], context[keep]
+        order = np.lexsort((ranks, codes))
+        first = order[_run_starts(codes[order])]
+        best = first[np.lexsort((codes[first], ranks[first], -counts[codes[first]]))][:limit]
+        contexts = self._contexts(context[best].tolist())
+        results = []
+        for i in best.tolist():
+            code, rank = int(codes[i]), int(ranks[i])
+            memory, sign = code // 2, -1 if code % 2 else 1
+            c = contexts[int(context[i])]
+            results.append({
+                "layer": memory // self.d_mlp, "key": memory % self.d_mlp, "sign": sign,
+                "n_matches": int(counts[code]), "best_rank": rank, "coefficient": self._coefficient(code, rank),
+                "example": _text_parts(c["prefix"], c["peak_start"], c["next_token"]),
+            })  # fmt: skip
+        return results
 
-def _example(row: sqlite3.Row) -> dict[str, Any]:
-    out = {name: row[name] for name in ("rank", "coefficient", "unit_id", "doc_id", "position", "next_token_id")}
+    def _coefficient(self, code: int, rank: int) -> float:
+        row = self.conn.execute("SELECT coefficients, ranks FROM examples WHERE id = ?", (code,)).fetchone()
+        coefficients = np.frombuffer(row["coefficients"], dtype=self.dtypes["coefficient"])
+        return float(coefficients[self._ranks(row["ranks"], coefficients.size).index(rank)])
+
+
+def _run_starts(sorted_values: np.ndarray) -> np.ndarray:
+    return np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
+
+
+def _context_fields(row: sqlite3.Row) -> dict[str, Any]:
+    out = {name: row[name] for name in ("unit_id", "doc_id", "position", "next_token_id")}
     out.update(_text_parts(row["prefix"], row["peak_start"], row["next_token"]))
     return out
 
@@ -223,13 +282,6 @@ def _example(row: sqlite3.Row) -> dict[str, Any]:
 def _text_parts(prefix: str, peak_start: int, next_token: str | None) -> dict[str, Any]:
     # Split here: the client's string offsets count UTF-16 units, Python's count code points.
     return {"prefix": prefix, "before": prefix[:peak_start], "peak": prefix[peak_start:], "next_token": next_token}
-
-
-def _value_tokens(row: dict[str, Any], side: str) -> list[dict[str, Any]]:
-    if row[f"{side}_ids"] is None:
-        return []
-    ids, tokens, logits = (json.loads(row[f"{side}_{name}"]) for name in ("ids", "tokens", "logits"))
-    return [{"token_id": i, "token": t, "logit": v} for i, t, v in zip(ids, tokens, logits, strict=True)]
 
 
 def _check_query(query: str) -> None:
