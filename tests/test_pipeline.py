@@ -249,3 +249,18 @@ def test_resume_of_a_hand_edited_manifest_is_one_line(tiny_folder, corpus_file, 
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("ffkv-lens: error: ") and err.count("\n") == 1 and field in err, err
+
+
+def test_estimates_read_only_a_sample_of_a_huge_one_line_corpus(tiny_bridge, tmp_path) -> None:
+    """A 10 MB single-line file: the estimate samples it (generous bound: the whole file would take minutes)."""
+    import time
+
+    from ffkv_lens import Corpus, MemoryLens
+    from ffkv_lens.estimates import measure_rates
+
+    path = tmp_path / "one-line.txt"
+    path.write_text(("The quick brown fox jumps over the lazy dog. " * 230_000)[:10_000_000])
+    lens = MemoryLens(tiny_bridge("llama"))
+    start = time.perf_counter()
+    rates = measure_rates(lens, Corpus.from_files(path), unit="sentence", max_len=128, batch_tokens=256)
+    assert time.perf_counter() - start < 60 and rates.mean_unit_tokens > 0
