@@ -23,7 +23,6 @@ Example:
     >>> run_study(RunConfig(model="smollm2-135m", max_tokens=50_000), "runs/smollm2")  # doctest: +SKIP
 """
 
-import csv
 import logging
 import shutil
 import time
@@ -33,8 +32,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ffkv_lens.errors import ConfigError, FfkvLensError, RunFolderError
-from ffkv_lens.storage import atomic_write_bytes, atomic_write_json, read_json
+from ffkv_lens.storage import atomic_write_json, read_json
 from ffkv_lens.storage.layout import RUN, FolderClaim, claim_folder, remove_outputs
+from ffkv_lens.storage.tables import library_versions, write_table
 
 __all__ = ["STEPS", "RunConfig", "run_study"]
 
@@ -199,8 +199,6 @@ class _Run:
 
 
 def _fresh_manifest(config: RunConfig) -> dict[str, Any]:
-    from ffkv_lens.analysis.triggers import library_versions
-
     return {
         "format": RUN.format,
         "status": "running",
@@ -243,15 +241,6 @@ def _check_inputs(manifest: dict[str, Any], corpus: Any, lens: Any, folder: Path
             f"{folder} was started with weights of fingerprint {old_weights}, but {described['model_name']!r} now "
             "has other weights (the model or its package changed). Choose another --out, or pass --force."
         )
-
-
-def write_table(frame: Any, path: Path) -> None:
-    """Write a DataFrame atomically as CSV (and JSON records when small)."""
-    # Text fields quoted: a decoded token may be "\r" or hold commas, which unquoted would split rows.
-    text = frame.to_csv(index=False, quoting=csv.QUOTE_NONNUMERIC)
-    atomic_write_bytes(path.with_suffix(".csv"), text.encode("utf-8"))
-    if len(frame) <= 10_000:
-        atomic_write_bytes(path.with_suffix(".json"), frame.to_json(orient="records", indent=1).encode("utf-8"))
 
 
 def _write_result(run: _Run, name: str, result: Any, tables: dict[str, str]) -> dict[str, Any]:

