@@ -11,12 +11,18 @@ Example:
 """
 
 import argparse
+import dataclasses
+import inspect
 import logging
+import re
 import sys
 import time
+import typing
 from collections.abc import Sequence
+from typing import Any, Literal
 
 from ffkv_lens.errors import FfkvLensError
+from ffkv_lens.storage.layout import RunPaths
 
 __all__ = ["main"]
 
@@ -58,41 +64,76 @@ def _tokens(text: str) -> int | None:
     return None if text == "all" else _positive(text)
 
 
-def _add_run(sub: argparse._SubParsersAction) -> None:
-    from ffkv_lens.pipeline import RunConfig
+# RunConfig fields whose flag is not ``--field-name`` with the field's type: field -> (flag, argparse keywords).
+_RUN_FLAG_OVERRIDES: dict[str, tuple[str, dict[str, Any]]] = {
+    "signed": (
+        "--unsigned",
+        {"action": "store_false", "help": "keep only top-k (not bottom-k) triggers (default: both)"},
+    ),
+    "max_tokens": (
+        "--max-tokens",
+        {"type": _tokens, "help": "search budget in tokens, or 'all' (default %(default)s)"},
+    ),
+}
 
-    d = RunConfig()
+
+def _attribute_docs(cls: type) -> dict[str, str]:
+    """``{name: text}`` of the ``Attributes:`` section of a Google-style class docstring (lines joined)."""
+    doc = inspect.getdoc(cls) or ""
+    section = doc.split("Attributes:", 1)[1] if "Attributes:" in doc else ""
+    found: dict[str, str] = {}
+    name = None
+    for line in section.splitlines():
+        match = re.match(r"^    (\w+): (.*)$", line)
+        if match:
+            name, found[match.group(1)] = match.group(1), match.group(2).strip()
+        elif name is not None and line.startswith("        "):
+            found[name] += " " + line.strip()
+        elif line.strip():
+            break
+    return found
+
+
+def config_arguments(parser: argparse.ArgumentParser, cls: type, positive: Sequence[str] = ()) -> None:
+    """Add one flag per field of the dataclass ``cls`` (``RunConfig``): type, default, choices and help from it.
+
+    ``--field-name`` per field (a bool field: a switch, ``--no-field-name`` when it defaults to True;
+    :data:`_RUN_FLAG_OVERRIDES` names the exceptions); ``Literal`` fields take their choices, the
+    integer fields named in ``positive`` only positive integers, optional fields their type; help is
+    the field's entry in the class's ``Attributes:`` docstring, with the default shown.
+    """
+    hints, docs = typing.get_type_hints(cls), _attribute_docs(cls)
+    for field in dataclasses.fields(cls):
+        hint, name = hints[field.name], field.name.replace("_", "-")
+        default_flag = f"--no-{name}" if hint is bool and field.default else f"--{name}"
+        flag, extra = _RUN_FLAG_OVERRIDES.get(field.name, (default_flag, {}))
+        options: dict[str, Any] = {"dest": field.name, "default": field.default}
+        if hint is bool:  # a switch that turns the default around
+            options["action"] = "store_false" if field.default else "store_true"
+        elif typing.get_origin(hint) is Literal:
+            options["choices"] = list(typing.get_args(hint))
+        elif hint is int:
+            options["type"] = _positive if field.name in positive else int
+        else:
+            options["type"] = next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))
+        if "help" in extra:  # written for the flag, its default included
+            options["help"] = extra["help"]
+        else:
+            options["help"] = docs.get(field.name, "").replace("``", "").replace("%", "%%") + " (default %(default)s)"
+        parser.add_argument(flag, **{**options, **extra})
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    from ffkv_lens.pipeline import POSITIVE_FIELDS, RunConfig
+
     run = sub.add_parser(
         "run",
         help="trigger search and every analysis of the paper into a run folder (resumable)",
         description="Run the whole study on a model and corpus into --out. Re-running resumes an interrupted "
-        "run; a finished run is not overwritten without --force.",
+        "run; a finished run is not overwritten without --force. Every flag but --out and --force is a setting "
+        "of ffkv_lens.pipeline.RunConfig.",
     )
-    run.add_argument("--model", default=d.model, help=f"embedded name, HF folder or hub name (default {d.model})")
-    run.add_argument("--corpus", default=d.corpus, help="default | PATH (.txt, folder, .jsonl) | hf:NAME")
-    run.add_argument(
-        "--encoding-errors",
-        default=d.encoding_errors,
-        choices=["strict", "replace"],
-        help="bytes of --corpus files that are not UTF-8: strict stops with the file and byte offset, "
-        "replace reads them as U+FFFD (default %(default)s)",
-    )
-    run.add_argument("--unit", default=d.unit, choices=["sentence", "document", "window"])
-    run.add_argument("--k", type=_positive, default=d.k, help="trigger examples per key")
-    run.add_argument("--max-len", type=_positive, default=d.max_len, help="longest unit in tokens")
-    run.add_argument("--max-tokens", type=_tokens, default=d.max_tokens, help="search budget in tokens, or 'all'")
-    run.add_argument("--unsigned", action="store_true", help="keep only top-k (not bottom-k) triggers")
-    run.add_argument("--top-k", type=_positive, default=d.top_k, help="tokens kept per value")
-    run.add_argument("--keys-per-layer", type=_positive, default=d.keys_per_layer, help="mutation test keys")
-    run.add_argument("--examples", type=_positive, default=d.examples, help="mutation test examples per key")
-    run.add_argument("--positions", type=_positive, default=d.positions, help="positions for section-5 dynamics")
-    run.add_argument("--seed", type=int, default=d.seed)
-    run.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    run.add_argument("--dtype", default=d.dtype, choices=["float32", "float64", "bfloat16", "float16"])
-    run.add_argument("--batch-tokens", type=_positive, default=d.batch_tokens, help="padded tokens per forward")
-    run.add_argument(
-        "--checkpoint-every", type=_positive, default=d.checkpoint_every, help="tokens between search checkpoints"
-    )
+    config_arguments(run, RunConfig, positive=POSITIVE_FIELDS)
     run.add_argument("--out", required=True, help="the run folder")
     run.add_argument("--force", action="store_true", help="redo a finished run in --out")
 
@@ -100,19 +141,13 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     from ffkv_lens.pipeline import RunConfig, run_study
 
-    config = RunConfig(
-        model=args.model, corpus=args.corpus, unit=args.unit, k=args.k, max_len=args.max_len,
-        max_tokens=args.max_tokens, signed=not args.unsigned, top_k=args.top_k,
-        keys_per_layer=args.keys_per_layer, examples=args.examples, positions=args.positions, seed=args.seed,
-        device=args.device, dtype=args.dtype, batch_tokens=args.batch_tokens, checkpoint_every=args.checkpoint_every,
-        encoding_errors=args.encoding_errors,
-    )  # fmt: skip
+    config = RunConfig(**{field.name: getattr(args, field.name) for field in dataclasses.fields(RunConfig)})
     start = time.perf_counter()
     folder = run_study(config, args.out, force=args.force, say=lambda line: print(line, flush=True))
     print(f"finished in {(time.perf_counter() - start) / 60:.1f} min: {folder}")
-    for figure in sorted((folder / "figures").glob("*.png")):
+    for figure in sorted(RunPaths(folder).figures.glob("*.png")):
         print(f"  {figure}")
-    print(f"report: {folder / 'report.html'}")
+    print(f"report: {RunPaths(folder).report}")
     return 0
 
 
@@ -129,8 +164,8 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from ffkv_lens.pipeline import FIGURES, missing_figures, write_figures
     from ffkv_lens.report import RunFolder, write_report
+    from ffkv_lens.report.figures import FIGURES, missing_figures, write_figures
 
     run = RunFolder(args.run_dir)
     if missing := missing_figures(run.path):

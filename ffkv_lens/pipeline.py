@@ -3,15 +3,18 @@
 Steps, each written atomically and skipped when a re-run finds it done:
 
 1. ``triggers``: trigger search (checkpointed in ``search/``) -> ``atlas/``
-2. ``dynamics``: composition and residual vs FFN (section 5), one pass -> ``tables/composition_*``, ``residual_*``
-3. ``values``: value projection, with the agreement's target ranks -> ``values/``
+2. ``values``: value projection, with the agreement's target ranks -> ``values/``
+3. ``dynamics``: composition and residual vs FFN (section 5), one pass -> ``tables/composition_*``, ``residual_*``
 4. ``agreement``: value/trigger agreement (paper section 4) -> ``tables/agreement_*``
 5. ``mutation``: shallow vs semantic keys (section 3.2) -> ``tables/mutation_*``
-6. ``figures``: PNG + SVG per analysis -> ``figures/``
+6. ``figures``: PNG + SVG per analysis (``ffkv_lens.report.figures.write_figures``) -> ``figures/``
 7. ``report``: one self-contained HTML page (settings, figures, tables, memory gallery) -> ``report.html``
 
-Under ``torchrun`` (``ffkv_lens.distributed``) steps 1 and 2 are shared by every rank (batches
-split round-robin, results merged exactly); rank 0 writes the folder and runs steps 3-7 alone,
+The names, their order and the folder's entries are defined once, in ``ffkv_lens.storage.layout``
+(``RUN_STEPS``, ``RunPaths``); ``STEPS`` here is ``RUN_STEPS``.
+
+Under ``torchrun`` (``ffkv_lens.distributed``) steps 1 and 3 are shared by every rank (batches
+split round-robin, results merged exactly); rank 0 writes the folder and runs the other steps alone,
 the other ranks write only their checkpoints (``search/rank{r}-of-{n}/``).
 
 ``manifest.json`` records the settings, the model and corpus, library versions, each step's
@@ -23,7 +26,6 @@ Example:
     >>> run_study(RunConfig(model="smollm2-135m", max_tokens=50_000), "runs/smollm2")  # doctest: +SKIP
 """
 
-import csv
 import logging
 import shutil
 import time
@@ -33,15 +35,26 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ffkv_lens.errors import ConfigError, FfkvLensError, RunFolderError
-from ffkv_lens.storage import atomic_write_bytes, atomic_write_json, read_json
-from ffkv_lens.storage.layout import RUN, FolderClaim, claim_folder, remove_outputs
+from ffkv_lens.storage import atomic_write_json, read_json
+from ffkv_lens.storage.layout import RUN, RUN_STEPS, FolderClaim, RunPaths, claim_folder, remove_outputs
+from ffkv_lens.storage.tables import library_versions, write_table
 
 __all__ = ["STEPS", "RunConfig", "run_study"]
 
 log = logging.getLogger(__name__)
-STEPS = ("triggers", "values", "dynamics", "agreement", "mutation", "figures", "report")
-DISTRIBUTED_STEPS = ("triggers", "dynamics")  # shared by every rank under torchrun; the rest run on rank 0
+STEPS = RUN_STEPS  # the steps in the order they run (ffkv_lens.storage.layout owns them)
 _UNITS = ("sentence", "document", "window")
+# RunConfig's integer settings that must be positive (the CLI's flags for them take positive integers only).
+POSITIVE_FIELDS = (
+    "k",
+    "max_len",
+    "top_k",
+    "keys_per_layer",
+    "examples",
+    "positions",
+    "batch_tokens",
+    "checkpoint_every",
+)
 
 
 @dataclass(frozen=True)
@@ -67,7 +80,8 @@ class RunConfig:
         seed: Seed of every sampled quantity.
         device: ``"cpu"``, ``"cuda"``... (None: cuda if available).
         dtype: Model dtype name.
-        batch_tokens: Padded tokens per forward pass (speed and memory only).
+        batch_tokens: Padded tokens per forward pass of the trigger search, the dynamics and the
+            mutation test (speed and memory only: the tables are the same at any value).
         checkpoint_every: Tokens between checkpoints of the trigger search (resume granularity only).
     """
 
@@ -95,16 +109,7 @@ class RunConfig:
         if self.unit not in _UNITS:
             raise ConfigError(f"unit={self.unit!r}; allowed: {_UNITS}.")
         check_encoding_errors(self.encoding_errors)
-        for name in (
-            "k",
-            "max_len",
-            "top_k",
-            "keys_per_layer",
-            "examples",
-            "positions",
-            "batch_tokens",
-            "checkpoint_every",
-        ):
+        for name in POSITIVE_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r}; pass a positive integer.")
@@ -114,24 +119,6 @@ class RunConfig:
     def results_identity(self) -> dict[str, Any]:
         """The settings that change results (device, batch size and checkpoint interval do not)."""
         return {k: v for k, v in asdict(self).items() if k not in ("device", "batch_tokens", "checkpoint_every")}
-
-
-def open_corpus(spec: str, encoding_errors: str = "strict") -> Any:
-    """A :class:`ffkv_lens.Corpus` from a CLI-style spec; ``encoding_errors`` for files (see :class:`RunConfig`)."""
-    from ffkv_lens.corpus import Corpus
-
-    if spec == "default":
-        return Corpus.default()
-    if spec.startswith("hf:"):
-        import datasets
-
-        return Corpus.from_hf(datasets.load_dataset(spec[3:], split="train", streaming=True))
-    path = Path(spec)
-    if not path.exists():
-        raise ConfigError(f"corpus={spec!r} is neither 'default', 'hf:NAME' nor an existing path.")
-    if path.suffix == ".jsonl":
-        return Corpus.from_jsonl(path, encoding_errors=encoding_errors)
-    return Corpus.from_files(path, encoding_errors=encoding_errors)
 
 
 class _Run:
@@ -147,7 +134,7 @@ class _Run:
 
         claim = claim_folder(folder, RUN, force=force)
         if claim.manifest is not None:
-            check_run_manifest(claim.manifest, folder / "manifest.json")
+            check_run_manifest(claim.manifest, RunPaths(folder).manifest)
         if claim.state == "resume":
             if claim.manifest.get("status") == "finished" and "report" in claim.manifest.get("steps", {}):
                 raise RunFolderError(f"{folder} holds a finished run; pass --force (force=True) to redo it.")
@@ -177,11 +164,11 @@ class _Run:
     @classmethod
     def follow(cls, folder: Path, config: RunConfig) -> "_Run":
         """Another rank of a distributed run: read what rank 0 prepared, write nothing."""
-        return cls(folder, config, read_json(folder / "manifest.json"), writer=False)
+        return cls(folder, config, read_json(RunPaths(folder).manifest), writer=False)
 
     def save(self) -> None:
         if self.writer:
-            atomic_write_json(self.folder / "manifest.json", self.manifest)
+            atomic_write_json(RunPaths(self.folder).manifest, self.manifest)
 
     def done(self, step: str) -> bool:
         return step in self.manifest["steps"]
@@ -199,8 +186,6 @@ class _Run:
 
 
 def _fresh_manifest(config: RunConfig) -> dict[str, Any]:
-    from ffkv_lens.analysis.triggers import library_versions
-
     return {
         "format": RUN.format,
         "status": "running",
@@ -245,19 +230,10 @@ def _check_inputs(manifest: dict[str, Any], corpus: Any, lens: Any, folder: Path
         )
 
 
-def write_table(frame: Any, path: Path) -> None:
-    """Write a DataFrame atomically as CSV (and JSON records when small)."""
-    # Text fields quoted: a decoded token may be "\r" or hold commas, which unquoted would split rows.
-    text = frame.to_csv(index=False, quoting=csv.QUOTE_NONNUMERIC)
-    atomic_write_bytes(path.with_suffix(".csv"), text.encode("utf-8"))
-    if len(frame) <= 10_000:
-        atomic_write_bytes(path.with_suffix(".json"), frame.to_json(orient="records", indent=1).encode("utf-8"))
-
-
 def _write_result(run: _Run, name: str, result: Any, tables: dict[str, str]) -> dict[str, Any]:
     for attr, stem in tables.items():
-        write_table(getattr(result, attr), run.folder / "tables" / stem)
-    atomic_write_json(run.folder / "tables" / f"{name}_settings.json", _jsonable(result.settings))
+        write_table(getattr(result, attr), RunPaths(run.folder).table(stem, suffix=""))
+    atomic_write_json(RunPaths(run.folder).settings(name), _jsonable(result.settings))
     return {"tables": sorted(tables.values())}
 
 
@@ -290,6 +266,7 @@ def run_study(
     import torch
 
     from ffkv_lens import MemoryLens, load_model
+    from ffkv_lens.corpus import Corpus
     from ffkv_lens.distributed import init_from_env
 
     here, device = init_from_env(config.device)
@@ -298,7 +275,7 @@ def run_study(
     folder = Path(out)
     # Nothing is written before the folder, the corpus and the model have all been checked.
     claim = _on_main_first(here, lambda: _Run.claim(folder, config, force), lambda: None)
-    corpus = open_corpus(config.corpus, config.encoding_errors)
+    corpus = Corpus.from_spec(config.corpus, encoding_errors=config.encoding_errors)
     corpus.check_not_empty()
     lens = MemoryLens(load_model(config.model, device=device, dtype=getattr(torch, config.dtype)))
     run = _on_main_first(here, lambda: _Run.open(claim, config, corpus, lens), lambda: _Run.follow(folder, config))
@@ -345,43 +322,50 @@ def _run_steps(run: _Run, lens: Any, corpus: Any, progress: bool, say: Callable[
     from ffkv_lens.analysis.values import ValueProjection, project_values
     from ffkv_lens.distributed import main_section, wait_for_main
     from ffkv_lens.report import write_report
+    from ffkv_lens.report.figures import write_figures
 
-    c, folder = run.config, run.folder
+    c, folder, paths = run.config, run.folder, RunPaths(run.folder)
 
     def triggers() -> dict[str, Any]:
         atlas = lens.search_triggers(
             corpus, k=c.k, unit=c.unit, max_len=c.max_len, signed=c.signed, max_tokens=c.max_tokens,
-            batch_tokens=c.batch_tokens, checkpoint_dir=str(folder / "search"), checkpoint_every=c.checkpoint_every,
+            batch_tokens=c.batch_tokens, checkpoint_dir=str(paths.search), checkpoint_every=c.checkpoint_every,
             progress=progress,
         )  # fmt: skip
         if here.is_main:
-            atlas.save(folder / "atlas")
+            atlas.save(paths.atlas)
         return {"tokens": atlas.manifest["progress"]["tokens"], "units": atlas.manifest["progress"]["units"]}
 
     def values() -> dict[str, Any]:
         # Rank the agreement's target tokens in the same pass: no second projection for agreement.
-        atlas = TriggerAtlas.load(folder / "atlas")
+        atlas = TriggerAtlas.load(paths.atlas)
         signs = (1, -1) if atlas.signed else (1,)
         targets = {sign: agreement_targets(atlas, sign) for sign in signs}
         projection = project_values(lens, top_k=c.top_k, layers=atlas.layers, rank_targets=targets)
-        return {"path": str(projection.save(folder / "values"))}
+        return {"path": str(projection.save(paths.values))}
 
     def dynamics() -> dict[str, Any]:
         # Rank 0 reuses the values' top and bottom tokens; other ranks (torchrun) derive the same tokens.
         result = layer_dynamics(
-            lens, corpus, positions=c.positions, seed=c.seed, progress=progress, projection=projection
+            lens,
+            corpus,
+            positions=c.positions,
+            seed=c.seed,
+            batch_tokens=c.batch_tokens,
+            progress=progress,
+            projection=projection,
         )
         tables = {"composition": "composition_per_layer", "residual": "residual_per_layer"}
         return _write_result(run, "dynamics", result, tables) if here.is_main else {}
 
     run.step("triggers", triggers, say)
-    if here.is_main and (folder / "search").exists():  # the atlas is saved and recorded: the checkpoint is spent
-        shutil.rmtree(folder / "search")
+    if here.is_main and paths.search.exists():  # the atlas is saved and recorded: the checkpoint is spent
+        shutil.rmtree(paths.search)
     projection = None
     if here.is_main:  # the values are rank 0's alone; the other ranks go on to the shared dynamics
         with main_section(here):  # a failure here stops the other ranks too (they wait in a collective)
             run.step("values", values, say)
-            projection = ValueProjection.load(folder / "values", lens=lens)
+            projection = ValueProjection.load(paths.values, lens=lens)
     run.step("dynamics", dynamics, say)
     if not here.is_main:  # the other steps are rank 0's alone; its outcome is this rank's too
         wait_for_main(here)
@@ -399,14 +383,20 @@ def _run_steps(run: _Run, lens: Any, corpus: Any, progress: bool, say: Callable[
 
     def mutation() -> dict[str, Any]:
         result = mutation_test(
-            lens, atlas, keys_per_layer=c.keys_per_layer, examples=c.examples, seed=c.seed, progress=progress
+            lens,
+            atlas,
+            keys_per_layer=c.keys_per_layer,
+            examples=c.examples,
+            seed=c.seed,
+            batch_tokens=c.batch_tokens,
+            progress=progress,
         )
         return _write_result(
             run, "mutation", result, {"per_layer": "mutation_per_layer", "per_key": "mutation_per_key"}
         )
 
     with main_section(here, last=True):
-        atlas = TriggerAtlas.load(folder / "atlas")
+        atlas = TriggerAtlas.load(paths.atlas)
         run.step("agreement", agreement, say)
         run.step("mutation", mutation, say)
         run.step("figures", lambda: write_figures(folder, lens.n_layers), say)
@@ -424,45 +414,3 @@ def _finish(run: _Run, write_report: Callable[[Path], Path]) -> dict[str, Any]:
         run.manifest.pop("finished")
         run.save()
         raise
-
-
-# figure name -> (plot function of ffkv_lens.report, the table it is drawn from)
-FIGURES = {
-    "agreement": ("plot_agreement", "agreement_per_layer"),
-    "rank": ("plot_rank", "agreement_per_layer"),
-    "mutation": ("plot_mutation", "mutation_per_layer"),
-    "composition": ("plot_composition", "composition_per_layer"),
-    "residual": ("plot_residual", "residual_per_layer"),
-    "residual_breakdown": ("plot_residual_breakdown", "residual_per_layer"),
-}
-
-
-def missing_figures(folder: Path) -> list[str]:
-    """Figures of a run folder whose table exists but whose PNG or SVG does not."""
-    folder = Path(folder)
-    return [
-        name
-        for name, (_, table) in FIGURES.items()
-        if (folder / "tables" / f"{table}.csv").exists()
-        and not all((folder / "figures" / f"{name}{suffix}").exists() for suffix in (".png", ".svg"))
-    ]
-
-
-def write_figures(folder: Path, n_layers: int | None) -> dict[str, Any]:
-    """Draw every figure of a run folder from its tables (layer and relative-depth x-axes)."""
-    import pandas as pd
-
-    from ffkv_lens import report
-
-    written = []
-    for name, (plot, table) in FIGURES.items():
-        path = folder / "tables" / f"{table}.csv"
-        if not path.exists():
-            continue
-        frame = pd.read_csv(path)
-        getattr(report, plot)(frame, n_layers=n_layers, out=folder / "figures" / name)
-        written.append(name)
-        import matplotlib.pyplot as plt
-
-        plt.close("all")
-    return {"figures": written}

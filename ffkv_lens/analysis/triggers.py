@@ -31,6 +31,7 @@ from ffkv_lens.kernels import (
     update_topk,
     update_topk_signed,
 )
+from ffkv_lens.storage.tables import library_versions
 
 __all__ = ["SearchConfig", "TriggerSearch", "search_triggers"]
 
@@ -338,19 +339,6 @@ def _one_cpu_thread(device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of the packages that change results (recorded in every manifest)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for package in ("ffkv-lens", "transformer-lens", "torch", "transformers"):
-        try:
-            out[package] = version(package)
-        except PackageNotFoundError:
-            out[package] = "not installed"
-    return out
 
 
 def _batches(corpus: Any, adapter: Any, config: SearchConfig, batch_tokens: int) -> Iterator[Any]:

@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from ffkv_lens.browser.index import normalize_token
-from ffkv_lens.browser.text import context_keys, decode_contexts, decode_tokens
+from ffkv_lens.browser.text import context_keys, decode_contexts, decode_tokens, normalize_token
 from ffkv_lens.errors import RunFolderError
 from ffkv_lens.storage import read_json
+from ffkv_lens.storage.layout import MANIFEST, RunPaths
 from ffkv_lens.storage.reading import check_columns, read_table
 
 __all__ = ["fill_index"]
@@ -31,7 +31,7 @@ def fill_index(conn: sqlite3.Connection, folder: Path, *, progress: bool = False
 
     from ffkv_lens.analysis.atlas import TriggerAtlas
 
-    atlas = TriggerAtlas.load(folder / "atlas")
+    atlas = TriggerAtlas.load(RunPaths(folder).atlas)
     if atlas.tokenizer is None:
         raise RunFolderError(f"{folder / 'atlas'} was saved without its tokenizer; the browser needs it to show text.")
     stages = 4 + 2 * len(atlas.layers)
@@ -197,9 +197,9 @@ def _values_frame(folder: Path, layers: list[int]) -> Any:
     """Value tokens per memory as JSON columns (decoded later), or None when the run has no values."""
     from ffkv_lens.analysis.values import ValueProjection
 
-    if not (folder / "values" / "manifest.json").is_file():
+    if not (RunPaths(folder).values / MANIFEST).is_file():
         return None
-    projection = ValueProjection.load(folder / "values")
+    projection = ValueProjection.load(RunPaths(folder).values)
     frame = projection.to_pandas(layers=[lay for lay in layers if lay in projection.layers], text=False)
     return frame if len(frame) else None
 
@@ -240,7 +240,7 @@ def _insert_tokens(conn: sqlite3.Connection, tokenizer: Any, values: Any, d_mlp:
 def _read_table(folder: Path, name: str, columns: list[str]) -> Any:
     from ffkv_lens.report.memories import RUN_FIX
 
-    path = folder / "tables" / f"{name}.csv"
+    path = RunPaths(folder).table(name)
     if not path.is_file():
         return None
     # Tokens such as "null", "NA" or "None" are text, not missing values; a "\r" token is written unquoted
@@ -267,7 +267,7 @@ def _insert_layers(conn: sqlite3.Connection) -> None:
 
 
 def _meta(folder: Path, atlas: Any, found: dict[str, bool], *, n_examples: int, contexts: Any) -> dict[str, Any]:
-    manifest = read_json(folder / "manifest.json")
+    manifest = read_json(RunPaths(folder).manifest)
     model = manifest.get("model") or {}
     return {
         "run": str(folder.resolve()),

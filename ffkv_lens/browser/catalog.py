@@ -1,8 +1,8 @@
 """What one browser serves: one or more runs, and the comparisons that match their memories.
 
 :func:`open_catalog` takes run folders and comparison folders (told apart by the ``format`` of
-their ``manifest.json``: ``ffkv_lens.run/...`` or ``ffkv_lens.compare/...``; a manifest without a
-format is read as a run's). A comparison brings in all its runs. Each run keeps its own index
+their ``manifest.json``: ``RUN`` or ``COMPARISON`` of :mod:`ffkv_lens.storage.layout`; a manifest
+without a format is read as a run's). A comparison brings in all its runs. Each run keeps its own index
 (``RUN_DIR/browser.sqlite``, :func:`ffkv_lens.browser.open_index`) and each comparison its matches
 index (``CMP_DIR/browser.sqlite``, :func:`ffkv_lens.browser.matches.open_matches`).
 
@@ -25,15 +25,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ffkv_lens.browser.index import open_index
-from ffkv_lens.browser.matches import COMPARE_FORMAT, MatchIndex, open_matches, read_comparison
+from ffkv_lens.browser.matches import MatchIndex, open_matches, read_comparison
 from ffkv_lens.browser.queries import BrowserIndex
 from ffkv_lens.errors import ConfigError, RunFolderError
 from ffkv_lens.storage import read_json
+from ffkv_lens.storage.layout import COMPARISON, RUN, RunPaths
 
-__all__ = ["RUN_FORMAT", "BrowsedComparison", "BrowsedRun", "Catalog", "folder_kind", "open_catalog"]
+__all__ = ["BrowsedComparison", "BrowsedRun", "Catalog", "folder_kind", "open_catalog"]
 
 log = logging.getLogger(__name__)
-RUN_FORMAT = "ffkv_lens.run/"  # manifest format prefix written by ffkv_lens.pipeline
 MATCH_TOKENS = 5  # top value tokens shown with each matched memory
 _PASS = "pass the --out folder of `ffkv-lens run` or `ffkv-lens compare`"
 
@@ -173,18 +173,18 @@ def folder_kind(folder: str | os.PathLike) -> Literal["run", "comparison"]:
     folder = Path(folder)
     if not folder.is_dir():
         raise RunFolderError(f"run folder {str(folder)!r} does not exist; {_PASS}.")
-    manifest_path = folder / "manifest.json"
+    manifest_path = RunPaths(folder).manifest
     if not manifest_path.is_file():
         raise RunFolderError(f"{str(folder)!r} is not a run folder or a comparison folder (no manifest.json); {_PASS}.")
     manifest = read_json(manifest_path)
     found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-    if found is None or str(found).startswith(RUN_FORMAT):
+    if found is None or RUN.owns(manifest):
         return "run"
-    if str(found).startswith(COMPARE_FORMAT):
+    if COMPARISON.owns(manifest):
         return "comparison"
     raise RunFolderError(
-        f"{str(manifest_path)!r} has format {found!r}, neither a run ({RUN_FORMAT}...) nor a comparison "
-        f"({COMPARE_FORMAT}...); {_PASS}."
+        f"{str(manifest_path)!r} has format {found!r}, neither a run ({RUN.prefix}...) nor a comparison "
+        f"({COMPARISON.prefix}...); {_PASS}."
     )
 
 

@@ -27,8 +27,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ffkv_lens.browser.text import normalize_token
 from ffkv_lens.errors import RunFolderError
 from ffkv_lens.storage import read_json
+from ffkv_lens.storage.layout import BROWSER_INDEX
 
 __all__ = [
     "INDEX_NAME", "SCHEMA_VERSION", "build_atomically", "check_run_folder", "normalize_token", "open_index",
@@ -36,7 +38,7 @@ __all__ = [
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
-INDEX_NAME = "browser.sqlite"
+INDEX_NAME = BROWSER_INDEX  # RUN_DIR/browser.sqlite (ffkv_lens.storage.layout)
 SCHEMA_VERSION = 2  # 2: examples packed per (memory, sign), reverse lookup per context
 STALE_TEMP_SECONDS = 3600  # leftovers of killed builds older than this are removed on the next build
 _TABLE_FILES = ("agreement_per_memory.csv", "mutation_per_key.csv", "agreement_per_layer.csv", "mutation_per_layer.csv")
@@ -79,16 +81,6 @@ CREATE INDEX tokens_norm ON tokens(norm);
 INSERT INTO context_fts(context_fts) VALUES('optimize');
 INSERT INTO value_fts(value_fts) VALUES('optimize');
 """
-
-
-def normalize_token(text: str) -> str:
-    """The token-search key: surrounding whitespace removed, then case-folded.
-
-    ``"Paris"``, ``" Paris"`` and ``"paris"`` all find the value token ``" Paris"`` (and ``"Paris"``).
-    A query that is only whitespace keeps its whitespace, so a lone space or newline stays searchable.
-    """
-    stripped = text.strip()
-    return (stripped or text).casefold()
 
 
 def check_run_folder(folder: str | os.PathLike) -> Path:

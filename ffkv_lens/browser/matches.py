@@ -1,6 +1,7 @@
 """A comparison folder for the browser: its runs and the SQLite index of its matches.
 
-``ffkv-lens compare`` writes ``CMP_DIR/manifest.json`` (format ``ffkv_lens.compare/...``; its
+``ffkv-lens compare`` writes ``CMP_DIR/manifest.json`` (format ``COMPARISON.format`` of
+:mod:`ffkv_lens.storage.layout`; its
 ``runs`` list names each run's label and folder, a relative folder being relative to ``CMP_DIR``)
 and ``CMP_DIR/tables/matches.csv``: for a memory (``layer_a``, ``key_a``) of ``run_a``, its closest
 memories (``rank`` 1 to 3) in ``run_b``, by value distribution similarity (``kind="value"``) or by
@@ -31,16 +32,16 @@ from ffkv_lens.browser.index import INDEX_NAME, build_atomically, stored_fingerp
 from ffkv_lens.browser.queries import ReadOnlyIndex
 from ffkv_lens.errors import RunFolderError
 from ffkv_lens.storage import read_json
+from ffkv_lens.storage.layout import COMPARISON, TABLES, ComparisonPaths
 
 __all__ = [
-    "COMPARE_FORMAT", "MATCHES_SCHEMA_VERSION", "MATCHES_TABLE", "ComparedRun", "ComparisonFolder", "MatchIndex",
+    "MATCHES_SCHEMA_VERSION", "MATCHES_TABLE", "ComparedRun", "ComparisonFolder", "MatchIndex",
     "open_matches", "read_comparison",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
-COMPARE_FORMAT = "ffkv_lens.compare/"  # manifest format prefix written by ffkv-lens compare
 MATCHES_SCHEMA_VERSION = 1
-MATCHES_TABLE = Path("tables") / "matches.csv"
+MATCHES_TABLE = Path(TABLES) / "matches.csv"
 CHUNK_ROWS = 200_000  # rows of matches.csv read and inserted at a time
 _INTS = ("layer_a", "key_a", "layer_b", "key_b", "rank")
 _FLOATS = ("score", "q_value", "value_similarity", "key_correlation")
@@ -87,11 +88,11 @@ class ComparisonFolder:
 def read_comparison(folder: str | os.PathLike) -> ComparisonFolder:
     """Read a comparison folder's manifest; :class:`RunFolderError` when it or a run folder is wrong or missing."""
     folder = Path(folder)
-    manifest_path = folder / "manifest.json"
+    manifest_path = ComparisonPaths(folder).manifest
     manifest = read_json(manifest_path)
     fix = f"re-run `ffkv-lens compare ... --out {folder}`"
-    if not isinstance(manifest, dict) or not str(manifest.get("format", "")).startswith(COMPARE_FORMAT):
-        raise RunFolderError(f"{str(manifest_path)!r} is not a comparison manifest ({COMPARE_FORMAT}...); {fix}.")
+    if not COMPARISON.owns(manifest):
+        raise RunFolderError(f"{str(manifest_path)!r} is not a comparison manifest ({COMPARISON.prefix}...); {fix}.")
     entries = manifest.get("runs")
     if not isinstance(entries, list) or not entries:
         raise RunFolderError(f"{str(manifest_path)!r} lists no runs (got runs={entries!r}); {fix}.")
@@ -116,7 +117,7 @@ def read_comparison(folder: str | os.PathLike) -> ComparisonFolder:
 def matches_fingerprint(comparison: ComparisonFolder) -> str:
     """A hash of what the matches index is built from (see the module docstring)."""
     digest = hashlib.sha256(f"matches schema {MATCHES_SCHEMA_VERSION}\n".encode())
-    digest.update(hashlib.sha256((comparison.folder / "manifest.json").read_bytes()).digest())
+    digest.update(hashlib.sha256(ComparisonPaths(comparison.folder).manifest.read_bytes()).digest())
     stat = comparison.table.stat()
     digest.update(f"{MATCHES_TABLE}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()

@@ -10,7 +10,8 @@ That cut equals ``tokenizer.decode(tokens[:position + 1])`` (what :meth:`Trigger
 shows) when decoding is concatenative, which this module checks per unit: the concatenated
 single-token texts must equal the unit's text. Units that fail the check (a character split
 across byte-level tokens, SentencePiece's dropped leading space, clean-up rules) fall back to
-decoding their used prefixes exactly, two per context.
+decoding their used prefixes exactly, two per context. :func:`normalize_token` is the key that
+value tokens are indexed and searched by.
 
 Example:
     >>> contexts = decode_contexts(atlas.units, atlas.tokenizer, units, positions)  # doctest: +SKIP
@@ -23,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Contexts", "context_keys", "decode_contexts", "decode_tokens"]
+__all__ = ["Contexts", "context_keys", "decode_contexts", "decode_tokens", "normalize_token"]
 
 log = logging.getLogger(__name__)
 
@@ -140,3 +141,13 @@ def _common_prefix(a: str, b: str) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+def normalize_token(text: str) -> str:
+    """The token-search key: surrounding whitespace removed, then case-folded.
+
+    ``"Paris"``, ``" Paris"`` and ``"paris"`` all find the value token ``" Paris"`` (and ``"Paris"``).
+    A query that is only whitespace keeps its whitespace, so a lone space or newline stays searchable.
+    """
+    stripped = text.strip()
+    return (stripped or text).casefold()

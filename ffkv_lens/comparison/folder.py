@@ -2,8 +2,9 @@
 
 Layout of the folder (``--out`` of ``ffkv-lens compare``)::
 
-    manifest.json            format ffkv_lens.compare/1, runs (label, path, model, layout, corpus), settings,
-                             per pair: vocabulary alignment, match settings and counts, timings
+    manifest.json            format ``COMPARISON.format`` (ffkv_lens.storage.layout), runs (label, path,
+                             model, layout, corpus), settings, per pair: vocabulary alignment, match
+                             settings and counts, timings
     tables/curves.csv        tidy per-layer metrics of every run (ffkv_lens.comparison.curves)
     tables/matches.csv       closest memories across runs, both directions, both kinds (see MATCH_COLUMNS)
     tables/calibration.csv   real vs null best scores above thresholds (the FDR estimate at each)
@@ -22,7 +23,6 @@ Example:
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -30,82 +30,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ffkv_lens.analysis.triggers import library_versions
-from ffkv_lens.comparison import checks
 from ffkv_lens.comparison.curves import CURVES, plot_overlay, tidy_curves
 from ffkv_lens.comparison.matching import MatchResult, flat_to_memory
+from ffkv_lens.comparison.reader import COMPARE_FORMAT, MATCH_COLUMNS, Comparison
 from ffkv_lens.errors import ConfigError, RunFolderError
-from ffkv_lens.pipeline import write_table
 from ffkv_lens.report.memories import RunFolder
-from ffkv_lens.storage import atomic_write_json, read_json
-from ffkv_lens.storage.layout import COMPARISON, claim_folder
-from ffkv_lens.storage.reading import read_table, short
+from ffkv_lens.storage import atomic_write_json
+from ffkv_lens.storage.layout import COMPARISON, ComparisonPaths, claim_folder
+from ffkv_lens.storage.tables import library_versions, write_table
 
 __all__ = ["COMPARE_FORMAT", "MATCH_COLUMNS", "Comparison", "compare"]
 
 log = logging.getLogger(__name__)
 
-COMPARE_FORMAT = COMPARISON.format
-MATCH_COLUMNS = [
-    "kind", "run_a", "layer_a", "key_a", "run_b", "layer_b", "key_b", "rank", "score", "q_value", "significant",
-    "value_similarity", "key_correlation",
-]  # fmt: skip
 THRESHOLDS = np.round(np.arange(0.1, 1.0001, 0.05), 2)
-
-
-@dataclass
-class Comparison:
-    """A comparison folder read back.
-
-    Attributes:
-        path: The folder.
-        manifest: ``manifest.json``.
-        curves: ``tables/curves.csv`` (tidy per-layer metrics).
-        matches: ``tables/matches.csv`` (empty when matching was skipped).
-    """
-
-    path: Path
-    manifest: dict[str, Any]
-    curves: pd.DataFrame
-    matches: pd.DataFrame
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Comparison":
-        """Open a comparison folder written by :func:`compare`.
-
-        Raises:
-            RunFolderError: The folder is missing or is not a comparison folder.
-            DamagedFileError: Its manifest or a table is damaged (wrong types, missing columns).
-        """
-        path = Path(path)
-        manifest_path = path / "manifest.json"
-        if not manifest_path.is_file():
-            raise RunFolderError(f"{str(path)!r} is not a comparison folder (no manifest.json); pass --out of "
-                                 "`ffkv-lens compare`.")  # fmt: skip
-        manifest = read_json(manifest_path)
-        if not isinstance(manifest, dict) or manifest.get("format") != COMPARE_FORMAT:
-            found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-            raise RunFolderError(f"{str(path)!r} holds a manifest of format {short(found)}, not {COMPARE_FORMAT!r}.")
-        checks.check_comparison_manifest(manifest, manifest_path)
-        curves_path, matches_path = path / "tables" / "curves.csv", path / "tables" / "matches.csv"
-        curves = checks.check_curves(read_table(curves_path, lineterminator="\n", fix=checks.COMPARE_FIX), curves_path)
-        matches = (
-            checks.check_matches(read_table(matches_path, lineterminator="\n", fix=checks.COMPARE_FIX), matches_path)
-            if matches_path.is_file() else pd.DataFrame(columns=MATCH_COLUMNS)
-        )  # fmt: skip
-        return cls(path, manifest, curves, matches)
-
-    def run(self, label: str) -> RunFolder:
-        """The run folder of a label."""
-        for entry in self.manifest["runs"]:
-            if entry["label"] == label:
-                return RunFolder(_resolve(self.path, entry["path"]))
-        raise ConfigError(f"no run labelled {label!r}; labels: {[r['label'] for r in self.manifest['runs']]}.")
-
-
-def _resolve(root: Path, path: str) -> Path:
-    candidate = Path(path)
-    return candidate if candidate.is_absolute() else root / candidate
 
 
 def _labels(runs: list[RunFolder]) -> list[str]:
@@ -182,13 +120,14 @@ def compare(
             raise RunFolderError(f"run folder {str(run.path)!r} has no model layout yet: let `ffkv-lens run` finish.")
     runs = dict(zip(_labels(folders), folders, strict=True))
     differ = _check_corpora(runs, allow_different_corpora)
-    (out / "tables").mkdir(parents=True, exist_ok=True)
+    paths = ComparisonPaths(out)
+    paths.tables.mkdir(parents=True, exist_ok=True)
     note = "runs on different corpora" if differ else None
     started = time.perf_counter()
     curves = tidy_curves(runs)
-    write_table(curves, out / "tables" / "curves")
+    write_table(curves, paths.table("curves", suffix=""))
     for curve in CURVES:
-        fig = plot_overlay(curves, curve, note=note, out=out / "figures" / f"curve_{curve.name}")
+        fig = plot_overlay(curves, curve, note=note, out=paths.figure(f"curve_{curve.name}"))
         if fig is not None:
             _close(fig)
     say(f"curves: {curves['metric'].nunique() if len(curves) else 0} metrics of {len(runs)} runs")
@@ -213,9 +152,9 @@ def compare(
     }
     if match:
         rows, calibration = _match_all(runs, manifest, out, device, progress, say)
-        write_table(pd.DataFrame(rows, columns=MATCH_COLUMNS), out / "tables" / "matches")
-        write_table(pd.DataFrame(calibration), out / "tables" / "calibration")
-    atomic_write_json(out / "manifest.json", manifest)
+        write_table(pd.DataFrame(rows, columns=MATCH_COLUMNS), paths.table("matches", suffix=""))
+        write_table(pd.DataFrame(calibration), paths.table("calibration", suffix=""))
+    atomic_write_json(paths.manifest, manifest)
     from ffkv_lens.comparison.html import write_comparison_report
 
     write_comparison_report(out)
@@ -263,7 +202,7 @@ def _match_all(runs: dict[str, RunFolder], manifest: dict[str, Any], out: Path, 
 
     from ffkv_lens.comparison.matching import key_sample, match_keys, match_values
     from ffkv_lens.comparison.vocab import align_vocabularies
-    from ffkv_lens.pipeline import open_corpus
+    from ffkv_lens.corpus import Corpus
 
     settings = manifest["settings"]
     lenses = {}
@@ -273,7 +212,7 @@ def _match_all(runs: dict[str, RunFolder], manifest: dict[str, Any], out: Path, 
     rows: list[tuple[Any, ...]] = []
     calibration: list[dict[str, Any]] = []
     first = next(iter(runs.values()))
-    corpus = open_corpus(str(first.manifest["config"].get("corpus", "default")))
+    corpus = Corpus.from_spec(str(first.manifest["config"].get("corpus", "default")))
     with torch.no_grad():
         for label_a, label_b in combinations(runs, 2):
             lens_a, lens_b = lenses[label_a], lenses[label_b]
@@ -382,7 +321,7 @@ def _density_figure(out: Path, kind: str, src: str, dst: str, side: Any, d_src: 
         ax.set_ylabel(f"layer of {src}")
         fig.colorbar(image, ax=ax, fraction=0.046, label="share of the layer's memories")
     fig.suptitle(f"Where the memories of {src} find their match in {dst} ({kind})", fontsize=10)
-    save_figure(fig, out / "figures" / f"density_{kind}_{src}__{dst}")
+    save_figure(fig, ComparisonPaths(out).figure(f"density_{kind}_{src}__{dst}"))
     plt.close(fig)
 
 
@@ -402,5 +341,5 @@ def _calibration_figure(out: Path, kind: str, label_a: str, label_b: str, rows: 
     ax.set_xlabel("best score at least")
     ax.set_ylabel("memories")
     ax.legend(fontsize=7)
-    save_figure(fig, out / "figures" / f"calibration_{kind}_{label_a}__{label_b}")
+    save_figure(fig, ComparisonPaths(out).figure(f"calibration_{kind}_{label_a}__{label_b}"))
     plt.close(fig)

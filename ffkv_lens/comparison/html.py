@@ -19,10 +19,11 @@ from typing import Any
 import pandas as pd
 
 from ffkv_lens.comparison.curves import CURVES
-from ffkv_lens.comparison.folder import Comparison
+from ffkv_lens.comparison.reader import Comparison
 from ffkv_lens.errors import FfkvLensError
 from ffkv_lens.report.html import _CSS, _card, _e, _kv, _not_run, _number
 from ffkv_lens.storage import atomic_write_bytes
+from ffkv_lens.storage.layout import ComparisonPaths
 
 __all__ = ["render_comparison_report", "write_comparison_report"]
 
@@ -38,7 +39,7 @@ _EXTRA_CSS = """
 def write_comparison_report(path: str | Path) -> Path:
     """Write ``path/report.html`` (atomically) for a comparison folder."""
     comparison = Comparison.load(path)
-    target = comparison.path / "report.html"
+    target = ComparisonPaths(comparison.path).report
     atomic_write_bytes(target, render_comparison_report(comparison).encode("utf-8"))
     return target
 
@@ -110,7 +111,7 @@ def _curves(comparison: Comparison) -> str:
         "ci_low, ci_high).</p>"
     ]
     for curve in CURVES:
-        path = comparison.path / "figures" / f"curve_{curve.name}"
+        path = ComparisonPaths(comparison.path).figure(f"curve_{curve.name}")
         if path.with_suffix(".svg").is_file():
             parts.append(_img(path, f"{curve.paper}: {curve.title}" if curve.paper else curve.title))
     return "".join(parts)
@@ -142,10 +143,10 @@ def _matches(comparison: Comparison) -> str:
         for kind, summary in pair["kinds"].items():
             parts.append(f"<h4>{_e(kind)} matches</h4>")
             parts.append(_summary_table(kind, summary, a, b))
-            parts.append(_img(comparison.path / "figures" / f"calibration_{kind}_{a}__{b}",
+            parts.append(_img(ComparisonPaths(comparison.path).figure(f"calibration_{kind}_{a}__{b}"),
                               f"{kind}: real vs null best scores"))  # fmt: skip
             for src, dst in ((a, b), (b, a)):
-                parts.append(_img(comparison.path / "figures" / f"density_{kind}_{src}__{dst}",
+                parts.append(_img(ComparisonPaths(comparison.path).figure(f"density_{kind}_{src}__{dst}"),
                                   f"{kind}: layers of {src} vs {dst}"))  # fmt: skip
                 parts.append(_examples(comparison, frame, kind, src, dst))
     return "".join(parts)

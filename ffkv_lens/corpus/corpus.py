@@ -235,6 +235,39 @@ class Corpus:
         """
         return cls(DefaultSource(default_data_file()), name=DEFAULT_NAME)
 
+    @classmethod
+    def from_spec(cls, spec: str, *, encoding_errors: EncodingErrors = "strict") -> "Corpus":
+        """The corpus a ``--corpus`` spec names (``ffkv-lens run``, a run manifest's ``config.corpus``).
+
+        Args:
+            spec: ``"default"`` (:meth:`default`), ``"hf:NAME"`` (the ``train`` split of a
+                Hugging Face dataset, streamed), a ``.jsonl`` file (:meth:`from_jsonl`), or a
+                text file or folder of ``.txt`` files (:meth:`from_files`).
+            encoding_errors: For files: ``"strict"`` or ``"replace"`` (see :meth:`from_files`).
+
+        Returns:
+            The corpus.
+
+        Raises:
+            ConfigError: ``spec`` is none of these (a path that does not exist).
+
+        Example:
+            >>> Corpus.from_spec("default").name  # doctest: +SKIP
+            'wikipedia-vital-summaries'
+        """
+        if spec == "default":
+            return cls.default()
+        if spec.startswith("hf:"):
+            import datasets
+
+            return cls.from_hf(datasets.load_dataset(spec[3:], split="train", streaming=True))
+        path = Path(spec)
+        if not path.exists():
+            raise ConfigError(f"corpus={spec!r} is neither 'default', 'hf:NAME' nor an existing path.")
+        if path.suffix == ".jsonl":
+            return cls.from_jsonl(path, encoding_errors=encoding_errors)
+        return cls.from_files(path, encoding_errors=encoding_errors)
+
     # Reading ------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[Document]:

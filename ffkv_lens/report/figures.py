@@ -2,7 +2,9 @@
 
 Every function takes the per-layer DataFrame of one analysis, returns a matplotlib ``Figure``
 and, with ``out``, writes ``<out>.png`` and ``<out>.svg``. ``x="relative"`` puts relative depth
-``(layer + 1) / n_layers`` on the x-axis so models of different depth overlay.
+``(layer + 1) / n_layers`` on the x-axis so models of different depth overlay. :data:`FIGURES`
+names a run folder's figures and the tables they are drawn from; :func:`write_figures` draws them
+(the run's ``figures`` step, and ``ffkv-lens report`` for those :func:`missing_figures` finds).
 
 Example:
     >>> from ffkv_lens.report import plot_agreement  # doctest: +SKIP
@@ -16,8 +18,11 @@ from typing import Any, Literal
 import numpy as np
 
 from ffkv_lens.errors import ConfigError
+from ffkv_lens.storage.layout import RunPaths
 
 __all__ = [
+    "FIGURES",
+    "missing_figures",
     "plot_agreement",
     "plot_composition",
     "plot_mutation",
@@ -25,6 +30,7 @@ __all__ = [
     "plot_residual",
     "plot_residual_breakdown",
     "save_figure",
+    "write_figures",
 ]
 
 XAxis = Literal["layer", "relative"]
@@ -177,3 +183,46 @@ def plot_residual_breakdown(frame: Any, *, n_layers: int | None = None, x: XAxis
     ax.set_ylabel("share of positions")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return save_figure(fig, out)
+
+
+# A run folder's figures: figure name -> (plot function, the table of ``tables/`` it is drawn from).
+FIGURES = {
+    "agreement": (plot_agreement, "agreement_per_layer"),
+    "rank": (plot_rank, "agreement_per_layer"),
+    "mutation": (plot_mutation, "mutation_per_layer"),
+    "composition": (plot_composition, "composition_per_layer"),
+    "residual": (plot_residual, "residual_per_layer"),
+    "residual_breakdown": (plot_residual_breakdown, "residual_per_layer"),
+}
+
+
+def missing_figures(folder: str | Path) -> list[str]:
+    """Figures of a run folder whose table exists but whose PNG or SVG does not."""
+    paths = RunPaths(Path(folder))
+    return [
+        name
+        for name, (_, table) in FIGURES.items()
+        if paths.table(table).exists() and not all(paths.figure(name, s).exists() for s in (".png", ".svg"))
+    ]
+
+
+def write_figures(folder: str | Path, n_layers: int | None) -> dict[str, Any]:
+    """Draw every figure of a run folder from its tables (layer and relative-depth x-axes).
+
+    Returns:
+        ``{"figures": [names drawn]}`` (the run step's record in the manifest).
+    """
+    import pandas as pd
+
+    paths = RunPaths(Path(folder))
+    written = []
+    for name, (plot, table) in FIGURES.items():
+        path = paths.table(table)
+        if not path.exists():
+            continue
+        plot(pd.read_csv(path), n_layers=n_layers, out=paths.figure(name))
+        written.append(name)
+        import matplotlib.pyplot as plt
+
+        plt.close("all")
+    return {"figures": written}

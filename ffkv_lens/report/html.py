@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ffkv_lens.report.memories import ANALYSIS_STEPS, CATEGORIES, MemoryCard, RunFolder, printable
+from ffkv_lens.report.memories import CATEGORIES, MemoryCard, RunFolder, printable
 from ffkv_lens.storage import atomic_write_bytes
+from ffkv_lens.storage.layout import MANIFEST, RUN_STEPS
 
 __all__ = ["render_report", "write_report"]
 
@@ -138,7 +139,7 @@ def write_report(run_dir: str | Path, *, per_category: int = 3, examples: int = 
         The path of the report.
     """
     run = RunFolder(run_dir)
-    path = run.path / "report.html"
+    path = run.paths.report
     atomic_write_bytes(path, render_report(run, per_category=per_category, examples=examples).encode("utf-8"))
     return path
 
@@ -214,7 +215,7 @@ def _not_run(what: str = "not run") -> str:
 
 def _steps(run: RunFolder) -> str:
     rows = []
-    for step in (*ANALYSIS_STEPS, "report"):
+    for step in RUN_STEPS:
         info = dict(run.steps.get(step, {}))
         seconds = info.pop("seconds", None)
         info.pop("path", None)
@@ -232,7 +233,7 @@ def _steps(run: RunFolder) -> str:
 
 
 def _triggers(run: RunFolder) -> str:
-    path = run.path / "atlas" / "manifest.json"
+    path = run.paths.atlas / MANIFEST
     if not run.done("triggers") or not path.is_file():
         return _not_run()
     atlas = run.atlas.manifest  # checked on load: progress counts are integers, layers a list of integers
@@ -314,7 +315,7 @@ def _frame_table(frame: Any) -> str:
 
 
 def _gallery(run: RunFolder, per_category: int, examples: int) -> str:
-    if not run.done("triggers") or not (run.path / "atlas" / "manifest.json").is_file():
+    if not run.done("triggers") or not (run.paths.atlas / MANIFEST).is_file():
         return _not_run()
     layers = run.atlas.layers
     parts = [

@@ -19,6 +19,7 @@ from typing import Any
 
 from ffkv_lens.errors import ConfigError, DamagedFileError, RunFolderError
 from ffkv_lens.storage import read_json
+from ffkv_lens.storage.layout import ANALYSIS_STEPS, MANIFEST, RUN, RunPaths
 from ffkv_lens.storage.reading import check_columns, field, read_table
 
 __all__ = [
@@ -33,9 +34,6 @@ __all__ = [
     "printable",
 ]
 
-# The pipeline's steps before the report (``ffkv_lens.pipeline.STEPS``; a test keeps them in sync).
-ANALYSIS_STEPS = ("triggers", "values", "agreement", "mutation", "dynamics", "figures")
-RUN_FORMAT = "ffkv_lens.run/"  # manifest format prefix written by ffkv_lens.pipeline
 # Gallery categories: name -> (title, the step whose table ranks them).
 CATEGORIES = {
     "agreement": ("Highest agreement", "agreement"),
@@ -114,6 +112,8 @@ class GalleryPick:
 class RunFolder:
     """A run folder written by ``ffkv-lens run``, complete or not.
 
+    Its format and entries are those of :data:`ffkv_lens.storage.layout.RUN` (:attr:`paths`).
+
     Args:
         path: The folder (``--out`` of the run).
 
@@ -123,21 +123,22 @@ class RunFolder:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.paths = RunPaths(self.path)
         if not self.path.is_dir():
             what = "is not a folder" if self.path.exists() else "does not exist"
             raise RunFolderError(f"run folder {str(path)!r} {what}; pass the folder given to `ffkv-lens run --out`.")
-        if not (self.path / "manifest.json").is_file():
+        if not self.paths.manifest.is_file():
             raise RunFolderError(
                 f"{str(path)!r} is not a run folder (no manifest.json); pass the folder given to `ffkv-lens run --out`."
             )
-        self.manifest: dict[str, Any] = read_json(self.path / "manifest.json")
-        if not isinstance(self.manifest, dict) or not str(self.manifest.get("format", "")).startswith(RUN_FORMAT):
+        self.manifest: dict[str, Any] = read_json(self.paths.manifest)
+        if not RUN.owns(self.manifest):
             found = self.manifest.get("format") if isinstance(self.manifest, dict) else type(self.manifest).__name__
             raise RunFolderError(
-                f"{str(path)!r} holds a manifest.json of format {found!r}, not an ffkv-lens run ({RUN_FORMAT}...); "
+                f"{str(path)!r} holds a manifest.json of format {found!r}, not an ffkv-lens run ({RUN.prefix}...); "
                 "pass the folder given to `ffkv-lens run --out`."
             )
-        check_run_manifest(self.manifest, self.path / "manifest.json")
+        check_run_manifest(self.manifest, self.paths.manifest)
         self._tables: dict[str, Any] = {}
 
     def __repr__(self) -> str:
@@ -164,7 +165,7 @@ class RunFolder:
             DamagedFileError: The file is not a CSV table or lacks the columns (and number types) readers use.
         """
         if name not in self._tables:
-            path = self.path / "tables" / f"{name}.csv"
+            path = self.paths.table(name)
             # Only "\n" ends a row: a decoded token "\r" is written unquoted by to_csv.
             frame = read_table(path, lineterminator="\n", fix=RUN_FIX) if path.is_file() else None
             self._tables[name] = None if frame is None else _check_table(name, frame, path)
@@ -172,13 +173,13 @@ class RunFolder:
 
     def settings(self, name: str) -> dict[str, Any] | None:
         """``tables/<name>_settings.json``, or None."""
-        path = self.path / "tables" / f"{name}_settings.json"
+        path = self.paths.settings(name)
         return field({"settings": read_json(path)}, "settings", dict, path, fix=RUN_FIX) if path.is_file() else None
 
     def figure(self, name: str) -> Path | None:
         """``figures/<name>.svg`` (else ``.png``), or None when it was not drawn."""
         for suffix in (".svg", ".png"):
-            path = self.path / "figures" / f"{name}{suffix}"
+            path = self.paths.figure(name, suffix)
             if path.is_file():
                 return path
         return None
@@ -188,21 +189,21 @@ class RunFolder:
         """The trigger atlas (decodes offline with its saved tokenizer)."""
         from ffkv_lens.analysis.atlas import TriggerAtlas
 
-        if not (self.path / "atlas" / "manifest.json").is_file():
+        if not (self.paths.atlas / MANIFEST).is_file():
             raise RunFolderError(
                 f"{self.path} has no trigger atlas yet (run status {self.manifest.get('status')!r}, steps done: "
                 f"{sorted(self.steps) or 'none'}); finish the run by re-running the same `ffkv-lens run` command."
             )
-        return TriggerAtlas.load(self.path / "atlas")
+        return TriggerAtlas.load(self.paths.atlas)
 
     @cached_property
     def projection(self) -> Any:
         """The value projection, or None when the ``values`` step did not run."""
         from ffkv_lens.analysis.values import ValueProjection
 
-        if not (self.path / "values" / "manifest.json").is_file():
+        if not (self.paths.values / MANIFEST).is_file():
             return None
-        return ValueProjection.load(self.path / "values", tokenizer=self.atlas.tokenizer)
+        return ValueProjection.load(self.paths.values, tokenizer=self.atlas.tokenizer)
 
     def check_memory(self, layer: int, key: int, sign: int = 1) -> None:
         """Raise :class:`ConfigError` naming the valid range when (layer, key, sign) is not in the atlas."""

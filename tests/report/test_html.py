@@ -9,10 +9,11 @@ from html.parser import HTMLParser
 import pytest
 
 from ffkv_lens.analysis.atlas import TriggerExample
-from ffkv_lens.pipeline import FIGURES, STEPS
 from ffkv_lens.report import RunFolder, write_report
+from ffkv_lens.report.figures import FIGURES
 from ffkv_lens.report.html import _card, _number
 from ffkv_lens.report.memories import ANALYSIS_STEPS, CATEGORIES, ExampleView, MemoryCard
+from ffkv_lens.storage.layout import RUN_STEPS as STEPS
 from tests.report.runs import HOSTILE, build_tiny_run, copy_run
 
 TAGS = {
