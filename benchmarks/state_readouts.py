@@ -1,8 +1,8 @@
 """Section-5 state readouts on a real model: the tiled pass against the reference, in the same run.
 
 Records r, y, o at ``--positions`` sampled prefixes of the default corpus (every layer), then
-reads them in the vocabulary with :func:`ffkv_lens.analysis.vocab.state_tops_reference`
-(``lens.readout`` of each state) and :func:`~ffkv_lens.analysis.vocab.state_tops_tiled`
+reads them in the vocabulary with :func:`ffkv_lens.kernels.readouts.state_tops`
+(the reference: ``lens.readout`` of each state) and :func:`ffkv_lens.kernels.readouts_tiled.state_tops`
 (two products per row instead of three; see the module), alternately, after a warm-up.
 Reports the minimum and median wall time of each, the rows whose ``o`` the tiled pass read
 directly, and how many tokens differ between the two; every differing token is re-scored in
@@ -25,7 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import ffkv_lens as fk  # noqa: E402
-from ffkv_lens.analysis import sampling, vocab  # noqa: E402
+from ffkv_lens.analysis import sampling  # noqa: E402
+from ffkv_lens.kernels import readouts, readouts_tiled  # noqa: E402
 
 TOPS = ("top_r", "top_y", "top_o")
 
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.no_grad():
         r, y, o, final = record(lens, args.positions, args.max_units)
         small = slice(0, min(256, r.shape[0]))
-        runs = {"reference": vocab.state_tops_reference, "tiled": vocab.state_tops_tiled}
+        runs = {"reference": readouts.state_tops, "tiled": readouts_tiled.state_tops}
         for fn in runs.values():  # warm-up
             fn(lens, r[small], y[small], o[small], final[small])
         times: dict[str, list[float]] = {name: [] for name in runs}
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
         parts = lens.adapter.readout_parts()
         beta = parts.norm(torch.zeros(1, lens.d_model))[0]
         gain, centres = lens.adapter.final_norm_gain(), lens.adapter.final_norm_centres
-        *_, direct = vocab._o_weights(parts, gain, centres, beta, r, y, o)
+        *_, direct = readouts_tiled._o_weights(parts, gain, centres, beta, r, y, o)
         ref, tiled = out["reference"], out["tiled"]
         result = {
             "model": args.model,

@@ -33,8 +33,9 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ffkv_lens.analysis.sampling import SampleConfig, SampledStates, prefix_batches, record_states, sample_prefixes
-from ffkv_lens.analysis.vocab import state_tops, value_extremes
+from ffkv_lens.analysis.values import value_extremes
 from ffkv_lens.errors import AtlasMismatchError, ConfigError
+from ffkv_lens.kernels import state_tops
 from ffkv_lens.lens import MemoryLens
 
 __all__ = [

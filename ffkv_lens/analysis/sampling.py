@@ -19,7 +19,8 @@ on the batch size. A corpus with fewer than ``positions`` units gives one positi
 
 :func:`prefix_batches` pads the prefixes into batches; :func:`record_states` runs a batch once
 and keeps ``m, y, r, o`` at each row's analysed position only. The vocabulary passes
-(``readout_top``, ``value_extremes``, re-exported here) live in :mod:`ffkv_lens.analysis.vocab`.
+(``readout_top``, ``value_extremes``, re-exported here) live in :mod:`ffkv_lens.kernels.readouts` and
+:mod:`ffkv_lens.analysis.values`.
 """
 
 import hashlib
@@ -33,8 +34,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ffkv_lens.analysis.vocab import readout_top, state_top, value_extremes
+from ffkv_lens.analysis.values import value_extremes
 from ffkv_lens.errors import ConfigError, HookNotFiredError
+from ffkv_lens.kernels import state_top
+from ffkv_lens.kernels.readouts import readout_top
 from ffkv_lens.lens import MemoryLens
 from ffkv_lens.types import AttentionMask, Tokens
 
@@ -241,7 +244,7 @@ def record_states(lens: MemoryLens, batch: PrefixBatch, layers: list[int]) -> Sa
 
     The forward pass stops after the last layer's ``resid_after_ffn`` (no unembedding of every
     token); the final prediction is ``argmax lens.readout`` of that state
-    (:func:`~ffkv_lens.analysis.vocab.state_top`), which is the model's own prediction wherever
+    (:func:`~ffkv_lens.kernels.state_top`), which is the model's own prediction wherever
     it is the final residual (every decoder family; on post-LN BERT it is the sum before the
     last LayerNorm, like every ``o`` there).
 

@@ -26,6 +26,7 @@ from ffkv_lens.errors import ConfigError
 from ffkv_lens.kernels import (
     TopKState,
     batch_candidates,
+    grouped_merge_units,
     merge_states,
     merge_topk,
     update_topk,
@@ -38,10 +39,6 @@ __all__ = ["SearchConfig", "TriggerSearch", "search_triggers"]
 log = logging.getLogger(__name__)
 UnitKind = Literal["sentence", "document", "window"]
 _UNITS = ("sentence", "document", "window")
-# On the CPU, a layer's candidates are merged into its state once this many units are pending: a
-# merge costs about the same for 8 or 64 units (sorting k + batch entries per key), so grouping
-# divides its cost while states fill (docs/performance.md). Gating still uses the current state.
-MERGE_UNITS = 64
 # Units are sorted by length in groups of this many before batching, so that a batch of sentences
 # computes little padding (docs/performance.md); the result does not depend on it (ties go by unit id).
 SORT_WINDOW = 1024
@@ -195,13 +192,14 @@ class TriggerSearch:
 
     def _reduce(self, layer: int, m: Tensor, valid: Tensor, unit_ids: Tensor) -> None:
         top, bottom = self._top, self._bottom
-        if m.device.type == "cpu":  # merges grouped: a merge, not the maxima, dominates a filling state
+        group = grouped_merge_units(m.device)  # CPU: merges grouped, a merge dominates a filling state
+        if group is not None:
             found = batch_candidates(top[layer], m, valid, unit_ids, None if bottom is None else bottom[layer])
             for sign, candidates in ((1, found[0]), (-1, found[1])):
                 if candidates is not None:
                     pending = self._pending.setdefault((layer, sign), [])
                     pending.append((*candidates, unit_ids))
-                    if sum(part[2].numel() for part in pending) >= MERGE_UNITS:
+                    if sum(part[2].numel() for part in pending) >= group:
                         self._flush(layer, sign)
         elif bottom is None:
             top[layer] = update_topk(top[layer], m, valid, unit_ids)

@@ -4,7 +4,8 @@ Every memory's value is projected into the vocabulary with :meth:`MemoryLens.val
 (direction only, centred over the vocabulary; the definition is ``lens.value_readout_mode``)
 and summarised by its top-k and bottom-k tokens and the maximum probability of
 ``softmax(logits)``. The projection runs in chunks of memories, so ``[d_mlp, d_vocab]`` is never
-materialised (Gemma's vocabulary has 262,144 tokens); ranks are counted, never sorted.
+materialised (Gemma's vocabulary has 262,144 tokens); ranks are counted, never sorted. Each
+block's statistics come from :func:`ffkv_lens.kernels.value_row_stats` (torch reference or Numba twin).
 
 Ties: tokens are ordered by logit, then by token id (lower first), exactly, also at the k-th
 place. Ranks count the tokens with a strictly greater logit (rank 0 = top).
@@ -26,8 +27,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ffkv_lens.analysis.vocab import EXP_FLOOR, logsumexp_rows
 from ffkv_lens.errors import AtlasMismatchError, ConfigError, DamagedFileError
+from ffkv_lens.kernels import value_row_stats
+from ffkv_lens.kernels.value_stats import count_beats, topk_by_logit
 from ffkv_lens.storage import atomic_folder, read_json
 from ffkv_lens.storage.reading import check_tensor, load_tensors, short
 
@@ -37,13 +39,16 @@ __all__ = [
     "project_values",
     "project_values_and_ranks",
     "topk_by_logit",
+    "value_extremes",
     "value_ranks",
 ]
 
 log = logging.getLogger(__name__)
 FORMAT = "ffkv_lens.value_projection/1"
 DEFAULT_BUDGET_MB = 256
-_TIE_SLACK = 16  # extra candidates fetched so that a tie at the k-th place is resolved exactly
+# Floats held by one chunk of value logits in value_extremes: 512 MiB, 512 Gemma 3 values per product
+# ([rows, 640] @ [640, 262144] on the 2-core CPU, one session: 128 rows 83-102 GFLOP/s, 512 rows 120-125).
+VALUE_BUDGET = 2**27
 _FIELDS = ("top_ids", "top_logits", "bottom_ids", "bottom_logits", "max_prob")
 DEFINITIONS = {
     "logits": "lens.value_logits(layer): direction-only projection, centred over the vocabulary",
@@ -67,29 +72,16 @@ def chunk_size(
     return max(1, int(memory_budget_mb * 2**20) // (4 * d_vocab))
 
 
-def topk_by_logit(
-    logits: Float[Tensor, "memories d_vocab"], k: int, *, largest: bool = True
-) -> tuple[Float[Tensor, "memories k"], Int[Tensor, "memories k"]]:
-    """Top-k (``largest=False``: bottom-k) per row, ties broken by lower token id, exactly.
-
-    ``torch.topk`` picks arbitrarily among ties; this fetches ``k + 16`` candidates, orders them
-    by (logit, token id) and falls back to a full stable sort for the rare rows whose tie at the
-    k-th place runs past the candidates.
-    """
-    n_vocab = logits.shape[-1]
-    k = min(k, n_vocab)
-    fetch = min(k + _TIE_SLACK, n_vocab)
-    vals, ids = logits.topk(fetch, dim=-1, largest=largest, sorted=True)
-    by_id = ids.argsort(dim=-1)
-    vals, ids = vals.gather(-1, by_id), ids.gather(-1, by_id)
-    by_val = vals.argsort(dim=-1, descending=largest, stable=True)
-    vals, ids = vals.gather(-1, by_val), ids.gather(-1, by_val)
-    if fetch < n_vocab:
-        unsure = (vals[:, k - 1] == vals[:, fetch - 1]).nonzero().squeeze(1)
-        if unsure.numel():
-            full = logits[unsure].sort(dim=-1, descending=largest, stable=True)
-            vals[unsure], ids[unsure] = full.values[:, :fetch], full.indices[:, :fetch]
-    return vals[:, :k].contiguous(), ids[:, :k].contiguous()
+def value_extremes(lens: Any, layer: int) -> tuple[Int[Tensor, " d_mlp"], Int[Tensor, " d_mlp"]]:
+    """Each value's top and bottom token under ``lens.value_logits`` (first index on ties), chunked over memories."""
+    chunk = max(1, VALUE_BUDGET // lens.d_vocab)
+    tops, bottoms = [], []
+    for start in range(0, lens.d_mlp, chunk):
+        logits = lens.value_logits(layer, memories=torch.arange(start, min(start + chunk, lens.d_mlp)))
+        tops.append(logits.argmax(dim=-1))
+        bottoms.append(logits.argmin(dim=-1))
+        del logits
+    return torch.cat(tops).cpu(), torch.cat(bottoms).cpu()
 
 
 def _as_index(value: Tensor | Sequence[int]) -> Tensor:
@@ -127,7 +119,7 @@ def value_ranks(
     with torch.no_grad():
         for start in range(0, memories.numel(), chunk):
             logits = lens.value_logits(layer, memories=memories[start : start + chunk])
-            out[start : start + chunk] = _count_beats(logits, token_ids[start : start + chunk], sign)
+            out[start : start + chunk] = count_beats(logits, token_ids[start : start + chunk], sign)
     return out
 
 
@@ -289,52 +281,6 @@ class ValueProjection:
         return cls(**parts, settings=settings, lens=lens, tokenizer=tokenizer, target_ranks=target_ranks)
 
 
-def _count_beats(logits: Tensor, token_ids: Tensor, sign: int) -> Tensor:
-    """Per row: tokens with a strictly greater (``sign=-1``: lower) logit than ``token_ids``; -1 where id < 0."""
-    token_ids = token_ids.to(logits.device)
-    target = logits.gather(1, token_ids.clamp_min(0)[:, None])
-    beats = (logits > target) if sign == 1 else (logits < target)
-    return torch.where(token_ids >= 0, beats.sum(dim=1), -1).cpu()
-
-
-def row_stats_reference(
-    logits: Float[Tensor, "n d_vocab"], k: int, targets: dict[int, Tensor]
-) -> tuple[tuple[Tensor, ...], dict[int, Tensor]]:
-    """The definition of one block's statistics: top/bottom ``k``, max probability, target ranks per sign."""
-    top_vals, top_ids = topk_by_logit(logits, k, largest=True)
-    bottom_vals, bottom_ids = topk_by_logit(logits, k, largest=False)
-    max_prob = logsumexp_rows(logits, top_vals[:, 0]).reciprocal()  # exp(max - logsumexp)
-    ranks = {sign: _count_beats(logits, wanted, sign) for sign, wanted in targets.items()}
-    return (top_ids, top_vals, bottom_ids, bottom_vals, max_prob), ranks
-
-
-def row_stats(
-    logits: Float[Tensor, "n d_vocab"], k: int, targets: dict[int, Tensor]
-) -> tuple[tuple[Tensor, ...], dict[int, Tensor]]:
-    """:func:`row_stats_reference`, by the Numba twin on the CPU (``FFKV_LENS_KERNELS`` picks, as for the search).
-
-    Token ids and ranks are identical; ``max_prob`` agrees within float32 rounding (summed in float64
-    by the twin). Rows holding a NaN are computed by the reference.
-    """
-    from ffkv_lens.kernels import active_implementation
-
-    usable = logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64)
-    if not usable or active_implementation(logits.device) != "numba":
-        return row_stats_reference(logits, k, targets)
-    from ffkv_lens.kernels.vocab_numba import row_stats as fused
-
-    (top_vals, top_ids, bottom_vals, bottom_ids, max_prob), ranks, bad = fused(logits, k, targets, EXP_FLOOR)
-    parts = [top_ids, top_vals, bottom_ids, bottom_vals, max_prob]
-    rows = bad.nonzero().squeeze(1)
-    if rows.numel():
-        fixed, fixed_ranks = row_stats_reference(logits[rows], k, {s: t[rows] for s, t in targets.items()})
-        for part, value in zip(parts, fixed, strict=True):
-            part[rows] = value
-        for sign, value in fixed_ranks.items():
-            ranks[sign][rows] = value
-    return tuple(parts), ranks
-
-
 def _project_layer(
     lens: Any, layer: int, k: int, chunk: int, wanted: dict[int, Tensor]
 ) -> tuple[dict[str, Tensor], dict[int, Tensor]]:
@@ -344,7 +290,7 @@ def _project_layer(
     for start in range(0, lens.d_mlp, chunk):
         logits = lens.value_logits(layer, memories=torch.arange(start, min(start + chunk, lens.d_mlp)))
         targets = {sign: ids[start : start + chunk].to(logits.device) for sign, ids in wanted.items()}
-        values, counted = row_stats(logits, k, targets)
+        values, counted = value_row_stats(logits, k, targets)
         for name, value in zip(_FIELDS, values, strict=True):
             parts[name].append(value.cpu())
         for sign, value in counted.items():  # ranks in the same pass, saving another projection

@@ -1,7 +1,7 @@
 """Compare FFN memories across models: overlaid curves, vocabulary alignment, matched memories.
 
 - :mod:`~ffkv_lens.comparison.curves`: per-layer tables of several runs, tidy and overlaid by depth.
-- :mod:`~ffkv_lens.comparison.vocab`: align two vocabularies by the bytes their tokens spell.
+- :mod:`~ffkv_lens.comparison.token_alignment`: align two vocabularies by the bytes their tokens spell.
 - :mod:`~ffkv_lens.comparison.matching`: value and key similarities, permutation nulls, FDR.
 - :mod:`~ffkv_lens.comparison.folder`: :func:`compare` writes a comparison folder.
 - :mod:`~ffkv_lens.comparison.reader`: :class:`Comparison` reads it back.
@@ -12,7 +12,7 @@
 
 from ffkv_lens.comparison.folder import compare
 from ffkv_lens.comparison.reader import COMPARE_FORMAT, MATCH_COLUMNS, Comparison
-from ffkv_lens.comparison.vocab import VocabAlignment, align_vocabularies, token_surfaces
+from ffkv_lens.comparison.token_alignment import VocabAlignment, align_vocabularies, token_surfaces
 
 __all__ = [
     "COMPARE_FORMAT",

@@ -201,7 +201,7 @@ def _match_all(runs: dict[str, RunFolder], manifest: dict[str, Any], out: Path, 
     import torch
 
     from ffkv_lens.comparison.matching import key_sample, match_keys, match_values
-    from ffkv_lens.comparison.vocab import align_vocabularies
+    from ffkv_lens.comparison.token_alignment import align_vocabularies
     from ffkv_lens.corpus import Corpus
 
     settings = manifest["settings"]

@@ -4,7 +4,7 @@ Two scores, each a cosine between per-memory feature vectors (every memory of A 
 memory of B, in chunks, keeping each memory's closest ``top_n`` in the other model):
 
 - **value**: what the value promotes. The Pearson correlation, over the shared vocabulary
-  (:mod:`ffkv_lens.comparison.vocab`), of the two values' logits (direction-only readout, as
+  (:mod:`ffkv_lens.comparison.token_alignment`), of the two values' logits (direction-only readout, as
   :meth:`MemoryLens.value_logits`). The logits of a layer are ``D @ R`` (directions times the
   centred unembedding columns, :meth:`value_logit_factors`), so the correlation is computed
   exactly in ``d_model`` dimensions: ``<D_a R_a, D_b R_b> = D_a (R_a R_b^T) D_b^T``.
@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ffkv_lens.comparison.vocab import VocabAlignment
+from ffkv_lens.comparison.token_alignment import VocabAlignment
 from ffkv_lens.corpus.sentences import split_sentences
 from ffkv_lens.errors import ConfigError
 from ffkv_lens.lens import MemoryLens
@@ -282,7 +282,7 @@ def match_values(
     Args:
         lens_a: Model A.
         lens_b: Model B.
-        alignment: :func:`~ffkv_lens.comparison.vocab.align_vocabularies` of their tokenizers.
+        alignment: :func:`~ffkv_lens.comparison.token_alignment.align_vocabularies` of their tokenizers.
         top_n: Closest memories kept per memory.
         repeats: Vocabulary permutations of the null (each adds one pass).
         seed: Seed of the permutations.

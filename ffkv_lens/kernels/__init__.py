@@ -1,16 +1,19 @@
-"""Fast kernels and their pure-torch twins, picked by device.
+"""Fast kernels and their pure-torch twins, picked at every call: the only entry point of the analysis.
 
-Every kernel has a reference in torch (:mod:`ffkv_lens.kernels.topk`) and twins with the same
-signatures: Triton for CUDA (:mod:`ffkv_lens.kernels.topk_triton`) and Numba for the CPU
-(:mod:`ffkv_lens.kernels.topk_numba`). The functions here dispatch on the device of their tensors:
-Triton on CUDA when ``triton`` imports, Numba on the CPU when ``numba`` imports, the reference
-otherwise. The environment variable ``FFKV_LENS_KERNELS`` overrides the choice (read at every call):
+Each operation has a reference in torch (the definition) and twins with the same signatures, side by side:
 
-- ``auto`` (or unset): the rule above.
-- ``reference``: always the torch reference.
-- ``numba``: Numba on the CPU (CUDA tensors then take the reference).
-- ``triton``: always Triton; on the CPU this works only under ``TRITON_INTERPRET=1`` (set before
-  ``triton`` is first imported), which is how the parity tests run without a GPU.
+- top-k state of the trigger search: :mod:`~ffkv_lens.kernels.topk` (reference),
+  :mod:`~ffkv_lens.kernels.topk_numba` (CPU), :mod:`~ffkv_lens.kernels.topk_triton` (CUDA);
+  :func:`reduce_units`, :func:`merge_topk`, :func:`batch_candidates`, :func:`update_topk`,
+  :func:`update_topk_signed`, and the search's merge policy :func:`grouped_merge_units`;
+- per-row statistics of value logits: :mod:`~ffkv_lens.kernels.value_stats` (reference),
+  :mod:`~ffkv_lens.kernels.value_stats_numba` (CPU); :func:`value_row_stats`;
+- residual states read in the vocabulary: :mod:`~ffkv_lens.kernels.readouts` (reference),
+  :mod:`~ffkv_lens.kernels.readouts_tiled` (any device); :func:`state_tops`, :func:`state_top`.
+
+:mod:`ffkv_lens.kernels.dispatch` alone reads the environment variable ``FFKV_LENS_KERNELS`` (``auto``,
+``reference``, ``numba``, ``triton``; its docstring says what each picks per operation) and validates it
+at every call of every operation here: another value raises :class:`~ffkv_lens.errors.ConfigError`.
 
 Example:
     >>> import torch
@@ -24,79 +27,52 @@ Example:
     [-1, -1, -1, -1]
 """
 
-import functools
-import importlib
-import logging
-import os
 from types import ModuleType
-from typing import Literal, get_args
+from typing import Any
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from ffkv_lens.errors import ConfigError
+from ffkv_lens.kernels import readouts, readouts_tiled, value_stats
 from ffkv_lens.kernels import topk as _reference
+from ffkv_lens.kernels.dispatch import (
+    KERNELS_ENV,
+    Implementation,
+    active_implementation,
+    grouped_merge_units,
+    kernel_choice,
+    numba_module,
+    triton_module,
+)
+from ffkv_lens.kernels.readouts import StateTops
+from ffkv_lens.kernels.readouts_tiled import VOCAB_TILE
 from ffkv_lens.kernels.topk import TopKState, UnitPeaks, merge_states
 
 __all__ = [
     "KERNELS_ENV",
     "Implementation",
+    "StateTops",
     "TopKState",
     "UnitPeaks",
     "active_implementation",
     "batch_candidates",
+    "grouped_merge_units",
+    "kernel_choice",
     "merge_states",
     "merge_topk",
     "reduce_units",
+    "state_top",
+    "state_tops",
     "update_topk",
     "update_topk_signed",
+    "value_row_stats",
 ]
-
-logger = logging.getLogger(__name__)
-
-KERNELS_ENV = "FFKV_LENS_KERNELS"
-"""Environment variable forcing an implementation: ``auto``, ``reference``, ``numba`` or ``triton``."""
-
-Implementation = Literal["reference", "numba", "triton"]
-_Choice = Literal["auto", "reference", "numba", "triton"]
-
-
-def active_implementation(device: torch.device | str) -> Implementation:
-    """Which implementation the dispatcher uses for tensors on ``device``.
-
-    Args:
-        device: A torch device or its name, e.g. ``"cpu"`` or ``"cuda:0"``.
-
-    Returns:
-        ``"triton"``, ``"numba"`` or ``"reference"``.
-
-    Raises:
-        ConfigError: ``FFKV_LENS_KERNELS`` has an unknown value, or forces Triton or Numba where it
-            cannot run.
-    """
-    device = torch.device(device)
-    choice = _env_choice()
-    if choice == "reference":
-        return "reference"
-    if choice == "triton":
-        _require_triton(device)
-        return "triton"
-    if choice == "numba" and _numba_backend() is None:
-        raise ConfigError(
-            f"{KERNELS_ENV}=numba but numba cannot be imported; install it (pip install numba) "
-            f"or set {KERNELS_ENV}=reference."
-        )
-    if device.type == "cuda" and choice == "auto" and _triton_backend() is not None:
-        return "triton"
-    if device.type == "cpu" and _numba_backend() is not None:
-        return "numba"
-    return "reference"
 
 
 def reduce_units(m: Float[Tensor, "batch pos d_mlp"], valid: Bool[Tensor, "batch pos"]) -> UnitPeaks:
     """Each unit's peak per key; see :func:`ffkv_lens.kernels.topk.reduce_units`."""
-    return _backend(m.device).reduce_units(m, valid)
+    return _topk_backend(m.device).reduce_units(m, valid)
 
 
 def merge_topk(
@@ -106,7 +82,7 @@ def merge_topk(
     unit_ids: Int[Tensor, " batch"],
 ) -> TopKState:
     """Merge candidates into the top-k; see :func:`ffkv_lens.kernels.topk.merge_topk`."""
-    return _backend(cand_values.device).merge_topk(state, cand_values, cand_positions, unit_ids)
+    return _topk_backend(cand_values.device).merge_topk(state, cand_values, cand_positions, unit_ids)
 
 
 def batch_candidates(
@@ -118,10 +94,10 @@ def batch_candidates(
 ) -> tuple[tuple[Tensor, Tensor] | None, tuple[Tensor, Tensor] | None]:
     """One batch's candidates, to merge later; see :func:`ffkv_lens.kernels.topk.batch_candidates`.
 
-    Triton has no version of its own: on CUDA this is the reference (the search merges every batch there).
+    Triton has no version of its own: on CUDA this is the reference (the search merges every batch there,
+    :func:`grouped_merge_units`).
     """
-    backend = _backend(m.device)
-    return getattr(backend, "batch_candidates", _reference.batch_candidates)(state, m, valid, unit_ids, bottom)
+    return _topk_operation("batch_candidates", m.device)(state, m, valid, unit_ids, bottom)
 
 
 def update_topk(
@@ -131,7 +107,7 @@ def update_topk(
     unit_ids: Int[Tensor, " batch"],
 ) -> TopKState:
     """Stream a batch into the top-k; see :func:`ffkv_lens.kernels.topk.update_topk`."""
-    return _backend(m.device).update_topk(state, m, valid, unit_ids)
+    return _topk_backend(m.device).update_topk(state, m, valid, unit_ids)
 
 
 def update_topk_signed(
@@ -145,56 +121,63 @@ def update_topk_signed(
 
     A backend without a fused version runs its ``update_topk`` on ``m`` and on ``-m``.
     """
-    backend = _backend(m.device)
+    backend = _topk_backend(m.device)
     if hasattr(backend, "update_topk_signed"):
         return backend.update_topk_signed(top, bottom, m, valid, unit_ids)
     return backend.update_topk(top, m, valid, unit_ids), backend.update_topk(bottom, m.neg(), valid, unit_ids)
 
 
-def _backend(device: torch.device) -> ModuleType:
+def value_row_stats(
+    logits: Float[Tensor, "n d_vocab"], k: int, targets: dict[int, Tensor]
+) -> tuple[tuple[Tensor, ...], dict[int, Tensor]]:
+    """Top/bottom ``k``, max probability, target ranks per row: :func:`~ffkv_lens.kernels.value_stats.value_row_stats`.
+
+    The Numba twin runs on CPU float32/float64 logits when the top-k operations would run Numba there
+    (``auto`` or ``numba``); otherwise the reference. Token ids and ranks are identical; ``max_prob``
+    agrees within float32 rounding (summed in float64 by the twin).
+    """
+    kernel_choice()
+    usable = logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64)
+    if usable and active_implementation(logits.device) == "numba":
+        twin = numba_module("value_stats")
+        if twin is not None:
+            return twin.value_row_stats(logits, k, targets)
+    return value_stats.value_row_stats(logits, k, targets)
+
+
+def state_tops(
+    model: Any,
+    resid_before: Float[Tensor, "n d_model"],
+    ffn_output: Float[Tensor, "n d_model"],
+    resid_after: Float[Tensor, "n d_model"],
+    targets: Int[Tensor, " n"],
+) -> StateTops:
+    """``top(r)``, ``p(target | r)``, ``top(y)``, ``top(o)`` of each row; see :mod:`ffkv_lens.kernels.readouts`.
+
+    The tiled twin when the readout allows it (float32 ``readout_parts()``), unless ``reference`` is forced.
+    """
+    twin = readouts_tiled if _tiles(model) else readouts
+    return twin.state_tops(model, resid_before, ffn_output, resid_after, targets)
+
+
+def state_top(model: Any, states: Float[Tensor, "n d_model"], *, tile: int = VOCAB_TILE) -> Int[Tensor, " n"]:
+    """``argmax readout(x)`` of each row: the tiled twin (``tile`` columns at a time) as :func:`state_tops` picks."""
+    if _tiles(model):
+        return readouts_tiled.state_top(model, states, tile=tile)
+    return readouts.state_top(model, states)
+
+
+def _tiles(model: Any) -> bool:
+    """Whether the state readouts take their tiled twin (every choice but ``reference``, where the readout allows)."""
+    return kernel_choice() != "reference" and readouts.tileable_parts(model) is not None
+
+
+def _topk_backend(device: torch.device) -> ModuleType:
     chosen = active_implementation(device)
-    backend = {"triton": _triton_backend, "numba": _numba_backend}.get(chosen, lambda: None)()
+    backend = {"triton": triton_module, "numba": numba_module}.get(chosen, lambda _: None)("topk")
     return backend or _reference
 
 
-def _env_choice() -> _Choice:
-    value = os.environ.get(KERNELS_ENV, "auto").strip().lower() or "auto"
-    if value not in get_args(_Choice):
-        raise ConfigError(
-            f"{KERNELS_ENV}={os.environ[KERNELS_ENV]!r} is not one of {list(get_args(_Choice))}; "
-            f"unset it or pick one of those."
-        )
-    return value  # type: ignore[return-value]
-
-
-def _require_triton(device: torch.device) -> None:
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ConfigError(
-            f"{KERNELS_ENV}=triton with tensors on {device}: Triton runs on CUDA, or on the CPU only with "
-            f"TRITON_INTERPRET=1 set before triton is imported; move the tensors to CUDA or unset {KERNELS_ENV}."
-        )
-    if _triton_backend() is None:
-        raise ConfigError(
-            f"{KERNELS_ENV}=triton but triton cannot be imported; install it (pip install triton) "
-            f"or set {KERNELS_ENV}=reference."
-        )
-
-
-@functools.cache
-def _triton_backend() -> ModuleType | None:
-    """The Triton implementation module, or None (logged once) if triton does not import."""
-    try:
-        return importlib.import_module("ffkv_lens.kernels.topk_triton")
-    except ImportError as error:
-        logger.info("Triton kernels unavailable (%s); using the torch reference.", error)
-        return None
-
-
-@functools.cache
-def _numba_backend() -> ModuleType | None:
-    """The Numba implementation module, or None (logged once) if numba does not import."""
-    try:
-        return importlib.import_module("ffkv_lens.kernels.topk_numba")
-    except ImportError as error:
-        logger.info("Numba kernels unavailable (%s); using the torch reference on the CPU.", error)
-        return None
+def _topk_operation(name: str, device: torch.device) -> Any:
+    """The chosen backend's ``name``, or the reference's where that backend has none."""
+    return getattr(_topk_backend(device), name, getattr(_reference, name))

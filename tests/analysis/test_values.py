@@ -15,6 +15,7 @@ from ffkv_lens.analysis.values import (
     project_values,
     project_values_and_ranks,
     topk_by_logit,
+    value_extremes,
     value_ranks,
 )
 from ffkv_lens.errors import ConfigError
@@ -217,3 +218,12 @@ def test_gemma3_projection_smoke() -> None:
     assert torch.equal(proj.top_ids[17][:8], down.indices[:, :K])
     assert_close(proj.max_prob[17][:8], logits.softmax(-1).max(-1).values, rel=1e-5, what="max_prob")
     assert torch.equal(proj.rank_of(17, range(8), down.indices[:, 3]), torch.full((8,), 3))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3", "bert"])
+def test_value_extremes_are_argmax_and_argmin(tiny_bridge, family: str) -> None:
+    lens = MemoryLens(tiny_bridge(family))
+    with torch.no_grad():
+        logits = lens.value_logits(1)
+        top, bottom = value_extremes(lens, 1)
+    assert torch.equal(top, logits.argmax(-1)) and torch.equal(bottom, logits.argmin(-1))

@@ -17,7 +17,7 @@ from ffkv_lens.comparison.matching import (
     match_values,
     type_permutation,
 )
-from ffkv_lens.comparison.vocab import align_vocabularies
+from ffkv_lens.comparison.token_alignment import align_vocabularies
 from tests.comparison.twins import SPECIALS, build_twin
 from tests.factories import TEXT, build_tiny_model
 

@@ -209,8 +209,14 @@ def test_windows_never_need_the_masked_reduction(monkeypatch: pytest.MonkeyPatch
     assert state_mismatch(top, expected) == ""
 
 
+FORCED = ["reference", pytest.param("numba", marks=pytest.mark.skipif(not find_spec("numba"), reason="needs numba"))]
+
+
+@pytest.mark.parametrize("forced", FORCED)
 @pytest.mark.parametrize("name", [*RUN_CASES, "d7-k5-float32-ties", "d100-k1-float64-ties"])
-def test_signed_update_equals_top_of_m_and_of_minus_m(name: str) -> None:
+def test_signed_update_equals_top_of_m_and_of_minus_m(name: str, forced: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dispatcher, forced to each CPU implementation, against the oracle."""
+    monkeypatch.setenv(KERNELS_ENV, forced)
     case = RUN_CASES.get(name) or CASES[name]
     stream, dtype = _run_stream_of(case) if name in RUN_CASES else _stream_of(case)
     d, k = case["d_mlp"], case["k"]

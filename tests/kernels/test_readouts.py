@@ -1,4 +1,4 @@
-"""Tiled state readouts against the reference (``lens.readout`` of every state), on every family.
+"""State readouts: the tiled twin and the dispatcher against the reference (``lens.readout`` of each state).
 
 Tolerances: tokens must be equal; probabilities within 1e-6 absolute (the log-sum-exp runs over
 tiles in another order; measured differences are ~3e-9); ``logsumexp_rows`` within 1e-6 relative
@@ -10,20 +10,14 @@ import torch
 
 from ffkv_lens import MemoryLens
 from ffkv_lens.adapters.tl_model import ReadoutParts
-from ffkv_lens.analysis import vocab
 from ffkv_lens.analysis.sampling import SampleConfig, prefix_batches, record_states, sample_prefixes
-from ffkv_lens.analysis.vocab import (
-    StateTops,
-    logsumexp_rows,
-    readout_top,
-    state_top,
-    state_tops,
-    state_tops_reference,
-    state_tops_tiled,
-    value_extremes,
-)
 from ffkv_lens.corpus import Corpus
 from ffkv_lens.errors import ConfigError
+from ffkv_lens.kernels import KERNELS_ENV, StateTops, readouts, readouts_tiled, state_top, state_tops
+from ffkv_lens.kernels.readouts import readout_top
+from ffkv_lens.kernels.readouts import state_tops as state_tops_reference
+from ffkv_lens.kernels.readouts_tiled import state_tops as state_tops_tiled
+from ffkv_lens.kernels.softmax import logsumexp_rows
 from tests.conftest import has_hooked_transformer
 from tests.factories import FAMILY_NAMES
 
@@ -61,8 +55,11 @@ def test_tiled_equals_reference(tiny_bridge, family: str, size: str) -> None:
     assert_tops_equal(got, want, f"{family} {size}")
 
 
+@pytest.mark.parametrize("forced", ["numba", "reference"])
 @pytest.mark.parametrize("family", FAMILY_NAMES, ids=FAMILY_NAMES)
-def test_state_top_equals_readout_argmax(tiny_bridge, family: str) -> None:
+def test_state_top_equals_readout_argmax(tiny_bridge, family: str, forced: str, monkeypatch) -> None:
+    """The dispatcher, forced to each implementation, against the reference's argmax."""
+    monkeypatch.setenv(KERNELS_ENV, forced)
     lens = MemoryLens(tiny_bridge(family))
     r, *_ = random_states(lens, 30)
     with torch.no_grad():
@@ -84,7 +81,7 @@ def test_recorded_states_derive_o_and_match(tiny_bridge, family: str) -> None:
     parts = lens.adapter.readout_parts()
     beta = parts.norm(torch.zeros(1, lens.d_model))[0]
     with torch.no_grad():
-        *_, direct = vocab._o_weights(parts, lens.adapter.final_norm_gain(), lens.adapter.final_norm_centres,
+        *_, direct = readouts_tiled._o_weights(parts, lens.adapter.final_norm_gain(), lens.adapter.final_norm_centres,
                                       beta, r, y, o)  # fmt: skip
         assert direct.numel() <= r.shape[0] // 4, f"{family}: o read directly at {direct.numel()} of {r.shape[0]} rows"
         want = state_tops_reference(lens, r, y, o, targets)
@@ -102,7 +99,7 @@ def test_tiled_equals_reference_on_hooked_transformers(tiny_hooked, family: str,
     with torch.no_grad():
         beta = parts.norm(torch.zeros(1, lens.d_model))[0]
         gain, centres = lens.adapter.final_norm_gain(), lens.adapter.final_norm_centres
-        *_, direct = vocab._o_weights(parts, gain, centres, beta, r, y, o)
+        *_, direct = readouts_tiled._o_weights(parts, gain, centres, beta, r, y, o)
         assert direct.numel() <= 10, f"o read directly at {direct.numel()} of 40 rows"
         want = state_tops_reference(lens, r, y, o, targets)
         assert_tops_equal(state_tops_tiled(lens, r, y, o, targets, rows=9, tile=50), want, f"{family} {processed}")
@@ -116,7 +113,7 @@ def test_rows_that_fail_the_checks_read_o_directly(tiny_bridge) -> None:
     with torch.no_grad():
         parts = lens.adapter.readout_parts()
         beta = parts.norm(torch.zeros(1, lens.d_model))[0]
-        *_, direct = vocab._o_weights(parts, lens.adapter.final_norm_gain(), True, beta, r, y, o)
+        *_, direct = readouts_tiled._o_weights(parts, lens.adapter.final_norm_gain(), True, beta, r, y, o)
         assert direct.tolist() == list(range(0, 12, 2))
         assert_tops_equal(state_tops_tiled(lens, r, y, o, targets, rows=5, tile=9),
                           state_tops_reference(lens, r, y, o, targets), "mixed rows")  # fmt: skip
@@ -174,16 +171,17 @@ def test_dispatch_and_reference_switch(tiny_bridge, monkeypatch: pytest.MonkeyPa
     def record(name: str):
         return lambda *args, **kwargs: calls.append(name) or empty
 
-    monkeypatch.setattr(vocab, "state_tops_tiled", record("tiled"))
-    monkeypatch.setattr(vocab, "state_tops_reference", record("reference"))
-    for family, env in (("llama", None), ("llama", "reference"), ("bert", None)):
+    monkeypatch.setattr(readouts_tiled, "state_tops", record("tiled"))
+    monkeypatch.setattr(readouts, "state_tops", record("reference"))
+    cases = (("llama", None), ("llama", "reference"), ("llama", "numba"), ("bert", None), ("bert", "numba"))
+    for family, env in cases:
         if env is None:
-            monkeypatch.delenv(vocab.KERNELS_ENV, raising=False)
+            monkeypatch.delenv(KERNELS_ENV, raising=False)
         else:
-            monkeypatch.setenv(vocab.KERNELS_ENV, env)
+            monkeypatch.setenv(KERNELS_ENV, env)
         lens = MemoryLens(tiny_bridge(family))
         state_tops(lens, *random_states(lens, 3))
-    assert calls == ["tiled", "reference", "reference"]
+    assert calls == ["tiled", "reference", "tiled", "reference", "reference"]
 
 
 def test_tiled_refuses_a_readout_without_parts(tiny_bridge) -> None:
@@ -198,12 +196,3 @@ def test_logsumexp_rows_matches_torch_with_tiny_terms() -> None:
     got = maxima + logsumexp_rows(x, maxima).log()
     want = x.logsumexp(-1)
     assert float(((got - want).abs() / want.abs().clamp_min(1)).max()) <= 1e-6, (got, want)
-
-
-@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3", "bert"])
-def test_value_extremes_are_argmax_and_argmin(tiny_bridge, family: str) -> None:
-    lens = MemoryLens(tiny_bridge(family))
-    with torch.no_grad():
-        logits = lens.value_logits(1)
-        top, bottom = value_extremes(lens, 1)
-    assert torch.equal(top, logits.argmax(-1)) and torch.equal(bottom, logits.argmin(-1))

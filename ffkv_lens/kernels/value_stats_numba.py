@@ -1,8 +1,8 @@
 """Per-row statistics of value logits on the CPU, compiled with Numba: two passes over each row, plus one per rank sign.
 
-The twin of the torch reference in :func:`ffkv_lens.analysis.values.row_stats_reference` (which remains
-the definition): for each row of a ``[n, d_vocab]`` block of logits, the ``k`` highest and ``k``
-lowest logits with their token ids (ties to the lower id, exactly), the max probability
+The twin of the torch reference :func:`ffkv_lens.kernels.value_stats.value_row_stats` (which remains
+the definition), with the same signature: for each row of a ``[n, d_vocab]`` block of logits, the ``k``
+highest and ``k`` lowest logits with their token ids (ties to the lower id, exactly), the max probability
 ``1 / sum(exp(max(l - max, EXP_FLOOR)))`` and, for given target tokens, how many tokens have a strictly
 higher (sign 1) or lower (sign -1) logit. Token ids are identical to the reference's and the counts
 are integers; the max probability is summed in float64 here and in float32 by the reference, so the
@@ -14,7 +14,8 @@ unembedding, took most of ``project_values``. Here the first pass keeps both sor
 enters only when it beats the row's k-th, one comparison for almost every token) and the maximum;
 the second sums the exponentials; then one pass per sign counts the ranks (folding the counts into
 the second pass would save up to two more). Rows holding a NaN are left to the reference
-(``torch.topk`` orders NaN as the largest value).
+(``torch.topk`` orders NaN as the largest value): :func:`compiled_row_stats` marks them and
+:func:`value_row_stats` computes them with the reference.
 """
 
 from typing import no_type_check
@@ -22,9 +23,13 @@ from typing import no_type_check
 import numba
 import numpy as np
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["row_stats"]
+from ffkv_lens.kernels import value_stats as reference
+from ffkv_lens.kernels.softmax import EXP_FLOOR
+
+__all__ = ["compiled_row_stats", "value_row_stats"]
 
 _JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
 
@@ -89,7 +94,7 @@ def _stats(logits, top_v, top_i, bot_v, bot_i, sums, targets, beats, signs, floo
             beats[j, r] = count
 
 
-def row_stats(
+def compiled_row_stats(
     logits: Tensor, k: int, targets: dict[int, Tensor], floor: float
 ) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor, Tensor], dict[int, Tensor], Tensor]:
     """Top/bottom ``k`` (values, ids), max probability and target ranks of each row of CPU ``logits``.
@@ -119,3 +124,25 @@ def row_stats(
     parts = tuple(torch.from_numpy(a) for a in (top_v, top_i, bot_v, bot_i))
     ranks = {int(s): torch.from_numpy(beats[j]) for j, s in enumerate(signs)}
     return (*parts, max_prob), ranks, torch.from_numpy(bad)
+
+
+def value_row_stats(
+    logits: Float[Tensor, "n d_vocab"], k: int, targets: dict[int, Tensor]
+) -> tuple[tuple[Tensor, ...], dict[int, Tensor]]:
+    """:func:`ffkv_lens.kernels.value_stats.value_row_stats` of CPU float32/float64 ``logits``, compiled.
+
+    Token ids and ranks are identical to the reference's; ``max_prob`` agrees within float32 rounding
+    (summed in float64 here). Rows holding a NaN are computed by the reference.
+    """
+    (top_vals, top_ids, bottom_vals, bottom_ids, max_prob), ranks, bad = compiled_row_stats(
+        logits, k, targets, EXP_FLOOR
+    )
+    parts = [top_ids, top_vals, bottom_ids, bottom_vals, max_prob]
+    rows = bad.nonzero().squeeze(1)
+    if rows.numel():
+        fixed, fixed_ranks = reference.value_row_stats(logits[rows], k, {s: t[rows] for s, t in targets.items()})
+        for part, value in zip(parts, fixed, strict=True):
+            part[rows] = value
+        for sign, value in fixed_ranks.items():
+            ranks[sign][rows] = value
+    return tuple(parts), ranks

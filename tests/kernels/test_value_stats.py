@@ -1,4 +1,5 @@
-"""The Numba per-row statistics of value logits against the torch reference (the definition).
+"""Per-row statistics of value logits: the dispatcher (forced to each implementation) and the Numba twin
+against the torch reference (the definition).
 
 Token ids, top/bottom logits and rank counts must be equal exactly (tolerance 0). ``max_prob`` is summed
 in float64 by the twin and in float32 by the reference: they must agree within 1e-6 relative, and the
@@ -8,11 +9,12 @@ twin must be within 1e-9 of a float64 ``torch.logsumexp`` (float64 inputs) or 1e
 import pytest
 import torch
 
-from ffkv_lens.analysis.values import row_stats, row_stats_reference
-from ffkv_lens.analysis.vocab import EXP_FLOOR
 from ffkv_lens.kernels import KERNELS_ENV
+from ffkv_lens.kernels import value_row_stats as row_stats
+from ffkv_lens.kernels.softmax import EXP_FLOOR
+from ffkv_lens.kernels.value_stats import value_row_stats as row_stats_reference
 
-nb = pytest.importorskip("ffkv_lens.kernels.vocab_numba")
+nb = pytest.importorskip("ffkv_lens.kernels.value_stats_numba")
 
 
 def _logits(n: int, v: int, dtype: torch.dtype, ties: bool, seed: int) -> torch.Tensor:
@@ -43,8 +45,9 @@ def _assert_same(fused: tuple, reference: tuple, rtol: float = 1e-6) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize(("n", "v", "k"), [(7, 1000, 10), (3, 37, 26), (5, 12, 12), (4, 9, 30), (2, 1, 1)])
-def test_fused_equals_reference(dtype, ties, n, v, k, monkeypatch) -> None:
-    monkeypatch.setenv(KERNELS_ENV, "numba")
+@pytest.mark.parametrize("forced", ["numba", "reference"])
+def test_fused_equals_reference(dtype, ties, n, v, k, forced, monkeypatch) -> None:
+    monkeypatch.setenv(KERNELS_ENV, forced)
     logits = _logits(n, v, dtype, ties, seed=n * v + k)
     targets = _targets(n, v, seed=k)
     _assert_same(row_stats(logits, k, targets), row_stats_reference(logits, k, targets))
@@ -59,8 +62,9 @@ def test_max_prob_against_float64_logsumexp(monkeypatch) -> None:
         torch.testing.assert_close(max_prob.double(), exact, rtol=tol, atol=0)
 
 
-def test_infinities_nan_rows_and_no_targets(monkeypatch) -> None:
-    monkeypatch.setenv(KERNELS_ENV, "numba")
+@pytest.mark.parametrize("forced", ["numba", "reference"])
+def test_infinities_nan_rows_and_no_targets(forced, monkeypatch) -> None:
+    monkeypatch.setenv(KERNELS_ENV, forced)
     logits = _logits(5, 40, torch.float32, ties=True, seed=9)
     logits[0, 3] = float("-inf")
     logits[1, :] = float("-inf")  # every logit -inf: NaN max probability, as in torch
@@ -71,7 +75,7 @@ def test_infinities_nan_rows_and_no_targets(monkeypatch) -> None:
     for wanted in (targets, {}):
         fused = row_stats(logits, 4, wanted)
         _assert_same(fused, row_stats_reference(logits, 4, wanted))
-    _, _, bad = nb.row_stats(logits, 4, {}, EXP_FLOOR)
+    _, _, bad = nb.compiled_row_stats(logits, 4, {}, EXP_FLOOR)
     assert bad.tolist() == [False, False, True, False, True]
 
 
