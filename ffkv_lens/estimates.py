@@ -8,12 +8,14 @@ splitting and tokenising (characters/s, on its first documents). Each step's siz
 - values: ``2 n_layers d_mlp d_model d_vocab`` FLOP of products, times ``VALUE_PASSES``;
 - dynamics: one pass over the corpus (splitting), ``positions`` prefixes (forward) and two readouts
   per position and layer (products, times ``READOUT_PASSES``);
-- mutation: ``n_layers keys_per_layer examples`` trigger examples, each unit run about
-  ``MUTATION_RUNS`` times (forward).
+- mutation: the distinct units among ``n_layers keys_per_layer examples`` trigger examples, each
+  run about ``MUTATION_RUNS`` times (forward); trigger examples crowd into few units, so the
+  distinct units are taken as ``min(units, MUTATION_SPREAD sqrt(examples units))`` of the ``units``
+  searched.
 
 The two pass factors (the work on each logit besides the product: log-sum-exp, argmax, top-k,
-rank counts) and ``MUTATION_RUNS`` were fitted to `make demo` on the project's 2-core CPU
-(docs/performance.md); elsewhere the estimate is a guide, within a factor of about two.
+rank counts) and ``MUTATION_SPREAD`` were fitted to `make demo` and to a run at the paper's sizes on the
+project's 2-core CPU (docs/run.md compares estimates and step times); elsewhere it is a guide.
 """
 
 import logging
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 VALUE_PASSES = 2.2
 READOUT_PASSES = 4.0
 MUTATION_RUNS = 4.4
+MUTATION_SPREAD = 0.22
 _SAMPLE_CHARS = 50_000
 _COUNT_SECONDS = 3.0
 
@@ -125,7 +128,12 @@ def step_seconds(rates: Rates, lens: Any, config: Any) -> dict[str, float | None
     values = lens.n_layers * lens.d_mlp * readout * VALUE_PASSES
     dynamics = config.positions * lens.n_layers * 2 * readout * READOUT_PASSES
     dynamics += prefix_tokens / rates.forward_tokens
-    mutation_tokens = lens.n_layers * config.keys_per_layer * config.examples * MUTATION_RUNS * rates.mean_unit_tokens
+    # The mutation test runs each distinct unit among its examples MUTATION_RUNS times. Trigger examples
+    # crowd into few units: the distinct units grow like the square root of examples x units searched.
+    units = (search_tokens or 0) / max(rates.mean_unit_tokens, 1.0)
+    examples = lens.n_layers * config.keys_per_layer * config.examples
+    distinct = min(units, MUTATION_SPREAD * (examples * units) ** 0.5)
+    mutation_tokens = distinct * MUTATION_RUNS * rates.mean_unit_tokens
     return {
         "triggers": None if search_tokens is None else search_tokens * per_token,
         "values": values,
