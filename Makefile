@@ -43,8 +43,14 @@ demo: setup
 	$(VENV)/bin/ffkv-lens run --model smollm2-135m --out runs/demo $(DEMO_FLAGS)
 	@echo "report: runs/demo/report.html (figures: runs/demo/figures, tables: runs/demo/tables); browse: $(VENV)/bin/ffkv-lens browse runs/demo"
 
+# The import graph (tools/check_imports.py): no cycle, no upward import, layers as in docs/architecture.md.
+# On by default; CHECK_IMPORTS=0 skips it.
+CHECK_IMPORTS ?= 1
 lint: setup
-	$(VENV)/bin/ruff check ffkv_lens tests benchmarks
+	$(VENV)/bin/ruff check ffkv_lens tests benchmarks tools
+ifeq ($(CHECK_IMPORTS),1)
+	$(PY) tools/check_imports.py
+endif
 
 # A second world: TransformerLens 3.9 (HookedTransformer + its TransformerBridge) beside 4.3 in
 # .venv, so that a change breaking either fails `make test` (docs/transformerlens.md).
