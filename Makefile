@@ -71,10 +71,19 @@ $(STAMP_TL3): pyproject.toml Makefile
 	$(PY_TL3) -m pip install -q -e ".[corpus]" "transformer-lens==3.9.0" pytest pytest-timeout beartype jaxtyping
 	touch $@
 
+# Skips: each run records its skipped tests (tests/skip_record.py) into $(SKIPS); tools/check_skips.py then
+# fails when a test is skipped in .venv and skipped in (or not collected by) the TL3 run, or the other way
+# round, unless the skip reason matches SKIP_ALLOWED (case-insensitive regex). The allowed reasons, and only
+# these: no CUDA device / GPU ("cuda", "gpu"), no browser for tests/browser ("chromium", "playwright").
+SKIPS := build/skips
+SKIP_ALLOWED := cuda|gpu|chromium|playwright
+
 # setup-tl3 first: the cross-world test in the main suite compares against .venv-tl3.
 test: lint setup-tl3
-	$(PY) -m pytest -q
-	$(PY_TL3) -m pytest -q $(TL3_TESTS)
+	rm -f $(SKIPS)/main.json $(SKIPS)/tl3.json
+	FFKV_SKIP_RECORD=$(SKIPS)/main.json $(PY) -m pytest -q -rs -p tests.skip_record
+	FFKV_SKIP_RECORD=$(SKIPS)/tl3.json $(PY_TL3) -m pytest -q -rs -p tests.skip_record $(TL3_TESTS)
+	$(PY) tools/check_skips.py $(SKIPS)/main.json $(SKIPS)/tl3.json --allow '$(SKIP_ALLOWED)'
 
 clean:
 	rm -rf $(VENV) $(VENV_TL3) build *.egg-info

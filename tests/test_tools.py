@@ -1,6 +1,8 @@
-"""The repository checks in tools/, on made-up inputs."""
+"""The repository checks in tools/: the import-graph check and the skipped-in-both check, on made-up inputs."""
 
 import importlib.util
+import json
+import re
 from pathlib import Path
 from types import ModuleType
 
@@ -17,6 +19,7 @@ def _tool(name: str) -> ModuleType:
 
 
 check_imports = _tool("check_imports")
+check_skips = _tool("check_skips")
 
 
 def _package(root: Path, files: dict[str, str]) -> Path:
@@ -79,3 +82,30 @@ def test_every_unit_of_the_package_has_a_layer() -> None:
     root = Path(__file__).resolve().parents[1]
     _, edges = check_imports.collect_edges(root)
     assert not [line for line in check_imports.layer_violations(edges) if "has no layer" in line]
+
+
+def _record(path: Path, skipped: dict[str, str], ran: list[str]) -> Path:
+    path.write_text(json.dumps({"skipped": skipped, "ran": ran}))
+    return path
+
+
+def test_skip_check_fails_only_for_tests_that_run_nowhere(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main = _record(
+        tmp_path / "main.json",
+        {
+            "tests/a/test_hooked.py": "needs transformer-lens 3.x",  # module skipped, runs in TL3: fine
+            "tests/a/test_v.py::test_tl3[raw]": "needs TransformerLens 3.x",  # not collected in TL3
+            "tests/k/test_topk.py::test_fused_cuda": "needs CUDA",  # allowed reason
+            "tests/b/test_browser.py": "no chromium binary",  # allowed reason
+        },
+        ["tests/a/test_v.py::test_other", "tests/a/test_cross.py::test_x[gpt2]"],
+    )
+    tl3 = _record(
+        tmp_path / "tl3.json",
+        {"tests/a/test_cross.py": "compares with transformer-lens 3.x from a 4.x environment"},  # ran in main
+        ["tests/a/test_hooked.py::test_one[gpt2]"],
+    )
+    assert check_skips.main([str(main), str(tl3), "--allow", "cuda|gpu|chromium|playwright"]) == 1
+    out = capsys.readouterr().out
+    assert re.findall(r"runs in neither environment: (\S+)", out) == ["tests/a/test_v.py::test_tl3[raw]"], out
+    assert check_skips.main([str(main), str(tl3), "--allow", "cuda|chromium|transformerlens 3"]) == 0
