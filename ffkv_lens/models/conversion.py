@@ -1,4 +1,4 @@
-"""Dequantising an embedded GGUF file into a plain Hugging Face model (used by ffkv_lens.models).
+"""Dequantising an embedded GGUF file into a plain Hugging Face model (used by ffkv_lens.models.cache).
 
 ``transformers`` loads a GGUF into a model that refuses ``save_pretrained``; this rebuilds a
 plain float32 copy, checks that it predicts the registry's check token, and saves it.

