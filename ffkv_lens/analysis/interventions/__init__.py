@@ -2,7 +2,7 @@
 
 - :mod:`.edits`: :class:`Edit`, validation, :func:`edit_hooks` and :func:`intervene` (hooks on ``mlp.hook_post``);
 - :mod:`.trace`: :func:`trace` -> :class:`Trace`, :meth:`Trace.diff`;
-- :mod:`.generate`: :func:`generate`, :func:`compare_generation`;
+- :mod:`.generation`: :func:`generate`, :func:`compare_generation`;
 - :mod:`.weights`: :func:`edited_values`, the weight-level twin of ``zero``/``scale`` edits.
 
 Every function takes the model's :class:`~ffkv_lens.adapters.MemoryAdapter` first; see docs/interventions.md.
@@ -17,7 +17,7 @@ from ffkv_lens.analysis.interventions.edits import (
     parse_edit,
     validate_edits,
 )
-from ffkv_lens.analysis.interventions.generate import GenerationComparison, compare_generation, generate
+from ffkv_lens.analysis.interventions.generation import GenerationComparison, compare_generation, generate
 from ffkv_lens.analysis.interventions.trace import Trace, TraceDiff, trace
 from ffkv_lens.analysis.interventions.weights import edited_values
 
