@@ -4,8 +4,10 @@ For the position traced, :func:`trace` records the model's next-token distributi
 (final norm + unembedding) of the residual stream before and after every FFN, and every layer's
 top memories by contribution to the predicted token, with the definition of
 :mod:`ffkv_lens.analysis.contributions` (each layer's contributions sum to its FFN's direct logit
-attribution without bias). Under ``edits`` the same pass runs with the edit hooks in front of the
-recording hooks, so everything recorded is the edited model's. :meth:`Trace.diff` compares two
+attribution without bias); factors that depend on the weights only are cached per adapter, so an
+"edit + re-run" of one prompt costs about one forward pass and the readouts. Under ``edits``
+the same pass runs with the edit hooks in front of the recording hooks, so everything recorded
+is the edited model's. :meth:`Trace.diff` compares two
 traces of the same prompt; :meth:`Trace.to_dict` is JSON (for a web page).
 
 Example:
@@ -15,9 +17,9 @@ Example:
 """
 
 import json
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
 import pandas as pd
@@ -25,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ffkv_lens.adapters.base import MemoryAdapter
-from ffkv_lens.analysis.contributions import DEFINITION, contributions
+from ffkv_lens.analysis.contributions import DEFINITION
 from ffkv_lens.analysis.interventions.edits import Edit, edit_hooks, validate_edits
 from ffkv_lens.errors import ConfigError
 
@@ -198,19 +200,73 @@ def _readouts(adapter: MemoryAdapter, acts: dict[str, Tensor], position: int) ->
     return probs.reshape(adapter.n_layers, 2, -1)
 
 
-def _top_memories(adapter: MemoryAdapter, table: pd.DataFrame, top: int, top_tokens: int) -> pd.DataFrame:
-    table = table.sort_values(["layer", "contribution", "key"], ascending=[True, False, True], kind="stable")
-    table = table.groupby("layer", sort=True).head(top).reset_index(drop=True)
-    table.insert(1, "rank", table.groupby("layer").cumcount())
-    tokens: list[list[str]] = []
-    for layer, group in table.groupby("layer", sort=True):
-        if top_tokens == 0:
-            tokens += [[] for _ in range(len(group))]
-            continue
-        ids = adapter.value_logits(int(layer), group.key.tolist()).topk(top_tokens, dim=-1).indices.tolist()
-        tokens += [adapter.tokenizer.batch_decode([[t] for t in row]) for row in ids]
-    table["value_top_tokens"] = tokens
-    return table
+class _WeightCache:
+    """Per-memory quantities that depend on the weights only, reused across traces of one adapter.
+
+    Entries are keyed by the version counters of ``W_out`` and ``W_U``, so an in-place weight edit
+    (e.g. :func:`edited_values`) makes them stale and they are recomputed.
+    """
+
+    def __init__(self) -> None:
+        self.token_logits: dict[tuple[int, int, int, int], Tensor] = {}
+        self.value_tokens: dict[tuple[int, int, int, int, int], list[str]] = {}
+
+    @staticmethod
+    def _versions(adapter: MemoryAdapter, layer: int) -> tuple[int, int]:
+        return adapter.value_weight(layer)._version, adapter.unembedding()._version
+
+    def token_column(self, adapter: MemoryAdapter, layer: int, token: int) -> Tensor:
+        """``value_token_logits(layer, [token])[:, 0]``: every memory's direction-only logit of ``token``."""
+        key = (layer, token, *self._versions(adapter, layer))
+        if key not in self.token_logits:
+            self.token_logits[key] = adapter.value_token_logits(layer, [token])[:, 0].float()
+        return self.token_logits[key]
+
+    def top_tokens(self, adapter: MemoryAdapter, layer: int, keys: list[int], k: int) -> list[list[str]]:
+        """The top ``k`` value tokens of each memory in ``keys`` (``value_logits``)."""
+        versions = self._versions(adapter, layer)
+        todo = [key for key in keys if (layer, key, k, *versions) not in self.value_tokens]
+        if todo and k > 0:
+            ids = adapter.value_logits(layer, todo).topk(k, dim=-1).indices.tolist()
+            for key, row in zip(todo, ids, strict=True):
+                self.value_tokens[(layer, key, k, *versions)] = adapter.tokenizer.batch_decode([[t] for t in row])
+        return [self.value_tokens[(layer, key, k, *versions)] if k > 0 else [] for key in keys]
+
+
+_CACHES: "weakref.WeakKeyDictionary[MemoryAdapter, _WeightCache]" = weakref.WeakKeyDictionary()
+
+
+def _memories(
+    adapter: MemoryAdapter, acts: dict[str, Tensor], position: int, token: int, top: int, top_tokens: int
+) -> tuple[pd.DataFrame, dict[int, float]]:
+    """Each layer's top memories by contribution to ``token`` and each layer's total.
+
+    The arithmetic is :func:`ffkv_lens.analysis.contributions.contributions`'s, step for step
+    (:data:`DEFINITION`), with the weight-only factor cached; tests check both agree.
+    """
+    cache = _CACHES.setdefault(adapter, _WeightCache())
+    s_final = acts[adapter.readout_hooks().norm_scale][0, position].reshape(())
+    frames, totals = [], {}
+    for layer in range(adapter.n_layers):
+        hooks = adapter.hook_names(layer)
+        m = acts[hooks.coefficients][0, position].float()
+        scale = acts[hooks.post_ffn_scale][0, position].reshape(()) if hooks.post_ffn_scale is not None else 1.0
+        contrib = ((m / scale) * cache.token_column(adapter, layer, token) / s_final).double()
+        totals[layer] = float(contrib.sum())
+        order = torch.sort(contrib, descending=True, stable=True).indices[:top].tolist()
+        frames.append(
+            pd.DataFrame(
+                {
+                    "layer": layer,
+                    "rank": range(len(order)),
+                    "key": order,
+                    "coefficient": m[order].double().cpu().numpy(),
+                    "contribution": contrib[order].cpu().numpy(),
+                    "value_top_tokens": cache.top_tokens(adapter, layer, order, top_tokens),
+                }
+            )
+        )
+    return pd.concat(frames, ignore_index=True), totals
 
 
 def _layer_table(
@@ -274,11 +330,8 @@ def trace(
         probs = final.softmax(-1)
         top_p, top_id = probs.topk(min(top, adapter.d_vocab))
         prediction = int(top_id[0])
-        table = contributions(
-            SimpleNamespace(adapter=adapter), acts, position=position, token=prediction, top=None, top_tokens=0
-        )
+        memories, totals = _memories(adapter, acts, position, prediction, top, min(top_tokens, adapter.d_vocab))
         layer_probs = _readouts(adapter, acts, position)
-        memories = _top_memories(adapter, table, top, min(top_tokens, adapter.d_vocab))
     decode = adapter.tokenizer.batch_decode
     next_tokens = pd.DataFrame(
         {
@@ -304,7 +357,7 @@ def trace(
         prediction_id=prediction,
         prediction=str(next_tokens.token[0]),
         next_tokens=next_tokens,
-        layers=_layer_table(adapter, layer_probs, prediction, table.attrs["layer_totals"]),
+        layers=_layer_table(adapter, layer_probs, prediction, totals),
         memories=memories,
         edits=chosen,
         settings=settings,

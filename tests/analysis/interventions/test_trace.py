@@ -45,6 +45,8 @@ def test_layer_contributions_sum_to_the_ffn_attribution(lens: MemoryLens, edited
         mine = got.memories[got.memories.layer == layer]
         expected = full[full.layer == layer].head(5)
         assert mine.key.tolist() == expected.key.tolist(), f"layer {layer}: the top memories by contribution"
+        assert mine.contribution.tolist() == expected.contribution.tolist(), "contributions() to the bit"
+        assert total == pytest.approx(full.attrs["layer_totals"][layer], rel=1e-12, abs=1e-12)
         assert mine["rank"].tolist() == list(range(5)) and all(len(t) == 5 for t in mine.value_top_tokens)
 
 
@@ -82,6 +84,10 @@ def test_diff_and_json(lens: MemoryLens) -> None:
     assert row.change < 0, "zeroing the top memories of the last layer lowers p(prediction)"
     assert diff.next_tokens.change.abs().is_monotonic_decreasing
     assert (diff.layers.change_after_ffn[: lens.n_layers - 1] == 0).all(), "layers below the edit are unchanged"
+    with lens.edited_values([Edit.scale(0, range(lens.d_mlp), -1.0)]):
+        flipped = lens.trace(TEXT, top=5)  # W_out changed in place: the cached weight factors are recomputed
+    layer0 = base.memories[base.memories.layer == 0]
+    assert flipped.memories[flipped.memories.layer == 0].value_top_tokens.tolist() != layer0.value_top_tokens.tolist()
     for payload in (base.to_dict(), edited.to_dict(), diff.to_dict()):
         json.dumps(payload, allow_nan=False)
     assert edited.to_dict()["edits"] == [Edit.zero(lens.n_layers - 1, top).to_dict()]
