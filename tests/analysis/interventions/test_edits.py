@@ -215,3 +215,19 @@ def test_edits_round_trip_through_json() -> None:
         assert Edit.from_dict(json.loads(json.dumps(edit.to_dict()))) == edit
     with pytest.raises(ConfigError, match="layer, keys"):
         Edit.from_dict({"op": "zero"})
+
+
+@torch.no_grad()
+def test_mean_coefficients_average_real_tokens_only(tiny_bridge) -> None:
+    from ffkv_lens.analysis.interventions import mean_coefficients
+
+    lens = MemoryLens(tiny_bridge("llama"))
+    texts = ["The capital of France is Paris.", "hello world"]
+    tokens = lens.adapter.to_tokens(texts)  # right-padded to the longer text
+    lengths = [lens.adapter.to_tokens(t).shape[1] for t in texts]
+    mask = torch.tensor([[1] * n + [0] * (tokens.shape[1] - n) for n in lengths])
+    got = mean_coefficients(lens.adapter, tokens, layers=1, attention_mask=mask)[1]
+    rows = [lens.coefficients(lens.adapter.to_tokens(t), layers=1)[1][0, 1:] for t in texts]  # BOS left out
+    assert_close(got, torch.cat(rows).double().mean(0).float(), rel=1e-5, what="mean over real tokens")
+    edit = Edit.mean(1, [3, 4], got[[3, 4]])
+    assert edit.value == (float(got[3]), float(got[4]))
