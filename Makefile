@@ -57,7 +57,8 @@ endif
 VENV_TL3 ?= .venv-tl3
 PY_TL3 := $(VENV_TL3)/bin/python
 STAMP_TL3 := $(VENV_TL3)/.ffkv-installed
-TL3_TESTS := tests/adapters tests/analysis/test_contributions.py tests/kernels/test_readouts.py tests/test_docs_transformerlens.py
+TL3_TESTS := tests/adapters tests/analysis/test_contributions.py tests/analysis/interventions tests/kernels/test_readouts.py \
+  tests/test_docs_interventions.py tests/test_docs_transformerlens.py
 
 setup-tl3:
 	@test -x $(PY_TL3) || rm -f $(STAMP_TL3)

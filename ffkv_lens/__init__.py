@@ -15,6 +15,7 @@ from typing import Any
 __all__ = [
     "Comparison",
     "Corpus",
+    "Edit",
     "MemoryLens",
     "TriggerAtlas",
     "TriggerExample",
@@ -28,6 +29,7 @@ _LAZY = {
     "Comparison": "ffkv_lens.comparison",
     "compare": "ffkv_lens.comparison",
     "Corpus": "ffkv_lens.corpus",
+    "Edit": "ffkv_lens.analysis.interventions.edits",
     "TriggerAtlas": "ffkv_lens.analysis.atlas",
     "TriggerExample": "ffkv_lens.analysis.atlas",
     "MemoryLens": "ffkv_lens.lens",

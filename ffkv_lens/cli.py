@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_report(sub)
     _add_show(sub)
     _add_compare(sub)
+    _add_trace(sub)
     return parser
 
 
@@ -283,6 +284,57 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_trace(sub: argparse._SubParsersAction) -> None:
+    trace = sub.add_parser(
+        "trace",
+        help="trace a prompt through the memories, optionally under edits (zero, scale, set)",
+        description="Print the model's prediction after TEXT and, per layer, the residual's top token before and "
+        "after the FFN and the memories contributing most to the prediction. With --zero/--scale/--set the "
+        "trace is printed without and with the edits; --generate N also generates N tokens both ways.",
+    )
+    trace.add_argument("text", metavar="TEXT", help="the prompt")
+    trace.add_argument("--model", default="smollm2-135m", help="embedded name, local HF folder or hub name")
+    trace.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    trace.add_argument("--position", type=int, default=-1, help="position to trace (default -1: the last)")
+    trace.add_argument("--top", type=_positive, default=5, help="next tokens listed (default 5)")
+    trace.add_argument("--memories", type=_positive, default=3, help="top memories listed per layer (default 3)")
+    for op, form in (("zero", "L:K[,K...]"), ("scale", "L:K[,K...]=S"), ("set", "L:K[,K...]=V")):
+        trace.add_argument(
+            f"--{op}", action="append", default=[], metavar=form, help=f"{op} memories K of layer L (repeatable)"
+        )
+    trace.add_argument("--generate", type=int, default=0, metavar="N", help="also generate N tokens, both ways")
+
+
+def _cmd_trace(args: argparse.Namespace) -> int:
+    from ffkv_lens import MemoryLens, load_model
+    from ffkv_lens.analysis.interventions import parse_edit, validate_edits
+    from ffkv_lens.errors import ConfigError
+    from ffkv_lens.report.traces import format_comparison, format_trace
+
+    specs = [parse_edit(op, spec) for op in ("zero", "scale", "set") for spec in getattr(args, op)]
+    if args.generate < 0:
+        raise ConfigError(f"--generate {args.generate}; pass a number of tokens >= 0.")
+    lens = MemoryLens(load_model(args.model, device=args.device))
+    edits = validate_edits(lens.adapter, specs)
+    options = dict(position=args.position, top=args.top, top_tokens=3)
+    base = lens.trace(args.text, **options)
+    if not edits:
+        print(format_trace(base, memories=args.memories, next_tokens=args.top))
+    else:
+        edited = lens.trace(args.text, edits=edits, **options)
+        print("== without edits ==")
+        print(format_trace(base, memories=args.memories, next_tokens=args.top))
+        print(f"== with edits: {'; '.join(edit.describe() for edit in edits)} ==")
+        print(format_trace(edited, memories=args.memories, next_tokens=args.top))
+        print("== change ==")
+        print(format_comparison(base, edited))
+    if args.generate:
+        print(f"generation without edits: {lens.generate(args.text, max_new_tokens=args.generate)!r}")
+        if edits:
+            print(f"generation with edits:    {lens.generate(args.text, max_new_tokens=args.generate, edits=edits)!r}")
+    return 0
+
+
 def _cmd_models() -> int:
     from ffkv_lens.models import list_models, model_status
 
@@ -365,6 +417,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _cmd_show(args)
     if args.command == "compare":
         return _cmd_compare(args)
+    if args.command == "trace":
+        return _cmd_trace(args)
     return _cmd_layout(args.model, args.device, args.dtype)
 
 

@@ -7,6 +7,7 @@ Example:
     (30, 1536, True)
 """
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,6 +15,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ffkv_lens.adapters import LayerHooks, MemoryAdapter, make_adapter
+from ffkv_lens.adapters.base import FwdHook
 from ffkv_lens.types import AttentionMask, Coefficients, Keys, Logits, MemoryLogits, Residual, Tokens, ValueBias, Values
 
 __all__ = ["MemoryLens"]
@@ -213,6 +215,62 @@ class MemoryLens:
         return contributions(
             self, source, position=position, token=token, top=top, layers=layers, batch=batch, top_tokens=top_tokens
         )
+
+    # -- interventions (docs/interventions.md) -------------------------------------------------
+    def intervene(self, edits: Any) -> contextlib.AbstractContextManager[None]:
+        """Context in which every forward pass of the model runs under ``edits`` (:class:`ffkv_lens.Edit`).
+
+        Example:
+            >>> with lens.intervene([fk.Edit.zero(20, [7, 9])]):  # doctest: +SKIP
+            ...     logits = model(tokens)
+        """
+        from ffkv_lens.analysis.interventions import intervene
+
+        return intervene(self.adapter, edits)
+
+    def edit_hooks(self, edits: Any) -> list[FwdHook]:
+        """``(hook_name, fn)`` pairs applying ``edits``, for ``model.run_with_hooks`` or ``model.hooks``."""
+        from ffkv_lens.analysis.interventions import edit_hooks
+
+        return edit_hooks(self.adapter, edits)
+
+    def trace(self, source: Any, *, position: int = -1, top: int = 10, edits: Any = None, top_tokens: int = 5) -> Any:
+        """Next tokens, per-layer readouts and top memories of a prompt, optionally under ``edits``.
+
+        Returns a :class:`ffkv_lens.analysis.interventions.Trace`; ``base.diff(edited)`` compares two.
+
+        Example:
+            >>> lens.trace("The capital of France is", edits=[fk.Edit.zero(20, 7)]).next_tokens  # doctest: +SKIP
+        """
+        from ffkv_lens.analysis.interventions import trace
+
+        return trace(self.adapter, source, position=position, top=top, edits=edits, top_tokens=top_tokens)
+
+    def generate(
+        self, text: str, *, max_new_tokens: int = 20, edits: Any = None, temperature: float = 0.0, seed: int = 0
+    ) -> str:
+        """The continuation of ``text`` under ``edits`` (greedy by default, seeded sampling, stops at EOS)."""
+        from ffkv_lens.analysis.interventions import generate
+
+        return generate(
+            self.adapter, text, max_new_tokens=max_new_tokens, edits=edits, temperature=temperature, seed=seed
+        )
+
+    def compare_generation(
+        self, text: str, edits: Any, *, max_new_tokens: int = 20, temperature: float = 0.0, seed: int = 0
+    ) -> Any:
+        """The continuation of ``text`` without and with ``edits`` (a ``GenerationComparison``)."""
+        from ffkv_lens.analysis.interventions import compare_generation
+
+        return compare_generation(
+            self.adapter, text, edits, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
+        )
+
+    def edited_values(self, edits: Any) -> contextlib.AbstractContextManager[None]:
+        """Context in which ``zero``/``scale`` edits are applied to ``W_out`` itself, restored exactly on exit."""
+        from ffkv_lens.analysis.interventions import edited_values
+
+        return edited_values(self.adapter, edits)
 
     def hook_names(self, layer: int) -> LayerHooks:
         """Canonical hook names of ``layer`` used by the analyses."""

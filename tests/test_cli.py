@@ -132,3 +132,36 @@ def test_report_on_unfinished_run_says_not_run(broken, capsys) -> None:
     assert main(["report", str(broken["no_atlas"])]) == 0
     page = (broken["no_atlas"] / "report.html").read_text(encoding="utf-8")
     assert "run unfinished" in page and page.count("not run") >= 5
+
+
+def test_trace_prints_both_traces_and_generations(tiny_folder, capsys) -> None:
+    folder = str(tiny_folder("llama"))
+    args = ["trace", "--model", folder, "--device", "cpu", "The capital of France is"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert plain.startswith("prompt: ") and "prediction: " in plain and "== with edits" not in plain
+    assert len([line for line in plain.splitlines() if re.match(r"\s+\d+  '", line)]) == 3, "one line per layer"
+    edited = [*args, "--zero", "1:3,4", "--scale", "2:5=2.5", "--set", "0:7=1.5", "--generate", "3"]
+    assert main(edited) == 0
+    out = capsys.readouterr().out
+    assert "== without edits ==" in out and "== change ==" in out and "p(" in out
+    assert "== with edits: zero 1:3,4 at all; scale 2:5 x2.5 at all; set 0:7 =1.5 at all ==" in out
+    assert "generation without edits: " in out and "generation with edits: " in out
+
+
+@pytest.mark.parametrize(
+    ("flag", "spec", "message"),
+    [
+        ("--zero", "3", "--zero '3' is not a memory spec"),
+        ("--scale", "1:2", "--scale '1:2' is not a memory spec"),
+        ("--set", "1:x=2", "--set '1:x=2' is not a memory spec"),
+        ("--zero", "9:1", "layer 9 is out of range [0, 3)"),
+        ("--zero", "1:64", "key 64 is out of range [0, 64)"),
+    ],
+    ids=["no-key", "no-value", "bad-key", "layer-range", "key-range"],
+)
+def test_trace_bad_memory_specs_exit_2_in_one_line(tiny_folder, capsys, flag: str, spec: str, message: str) -> None:
+    assert main(["trace", "--model", str(tiny_folder("llama")), "--device", "cpu", "Hi", flag, spec]) == 2
+    lines = capsys.readouterr().err.splitlines()  # after the model loader's progress bar, if any
+    assert lines[-1].startswith("ffkv-lens: error: ") and message in lines[-1], lines
+    assert not any("Traceback" in line for line in lines)

@@ -210,6 +210,44 @@ class MemoryAdapter(abc.ABC):
         """
 
     @abc.abstractmethod
+    def hooks(self, fwd_hooks: Sequence[FwdHook]) -> contextlib.AbstractContextManager[None]:
+        """Context in which ``fwd_hooks`` fire on every forward pass of the model.
+
+        Registered at a new level of the model's own ``hooks()`` context and removed on exit,
+        exceptions and KeyboardInterrupt included; hooks the user registered stay and fire first.
+        """
+
+    @abc.abstractmethod
+    def value_weight(self, layer: int) -> Float[Tensor, "d_mlp d_model"]:
+        """The live ``W_out`` of ``layer`` as ``[d_mlp, d_model]``, sharing storage with the parameter.
+
+        Writing into it changes the model (used by :meth:`scaled_values`); everything else reads
+        :meth:`values`, which has the post-FFN norm gain folded in.
+        """
+
+    @contextlib.contextmanager
+    def scaled_values(self, factors: Mapping[int, Mapping[int, float]]) -> Iterator[None]:
+        """Temporarily multiply rows of ``W_out``: ``{layer: {memory: factor}}``; restored bit for bit on exit.
+
+        Scaling row i of ``W_out`` by s equals scaling the coefficient m_i by s at every position,
+        also under a post-FFN norm (it acts on the sum ``m @ W_out``, after which its gain applies).
+        """
+        saved: list[tuple[Tensor, Tensor, Tensor]] = []
+        try:
+            with torch.no_grad():
+                for layer, rows in factors.items():
+                    weight = self.value_weight(layer)
+                    index = torch.as_tensor(list(rows), dtype=torch.long, device=weight.device)
+                    scale = torch.as_tensor(list(rows.values()), dtype=weight.dtype, device=weight.device)
+                    saved.append((weight, index, weight[index].clone()))
+                    weight[index] = weight[index] * scale[:, None]
+            yield
+        finally:
+            with torch.no_grad():
+                for weight, index, original in reversed(saved):
+                    weight[index] = original
+
+    @abc.abstractmethod
     def readout(self, resid: Residual) -> Logits:
         """Logits of full residual states: final norm + unembedding (+ soft-cap)."""
 

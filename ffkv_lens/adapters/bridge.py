@@ -7,6 +7,7 @@ ffkv_lens orientation ``[d_mlp, d_model]`` and resolves aliases to canonical hoo
 once, so a hook is never registered twice on one point.
 """
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -153,6 +154,19 @@ class BridgeAdapter(TLModelShape, MemoryAdapter):
         with self.model.hooks(fwd_hooks=hooks):
             out = self.model(tokens, attention_mask=attention_mask)
         return None if stop_after is not None else out
+
+    def hooks(self, fwd_hooks: Sequence[FwdHook]) -> contextlib.AbstractContextManager[None]:
+        return self.model.hooks(fwd_hooks=list(fwd_hooks))
+
+    def value_weight(self, layer: int) -> Tensor:
+        out = self._mlp(layer).out
+        weight = self._mlp(layer).W_out
+        if weight.untyped_storage().data_ptr() != out.weight.untyped_storage().data_ptr():
+            raise UnsupportedArchitectureError(
+                f"{self.architecture}: W_out of layer {layer} is a copy, not a view of the weight; "
+                "it cannot be edited in place. Use hook edits (lens.intervene) instead."
+            )
+        return weight
 
     def readout(self, resid: Residual) -> Logits:
         model = self.model

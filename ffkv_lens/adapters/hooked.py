@@ -23,6 +23,7 @@ GatedMLP in TransformerLens adds ``b_in`` after the gate product; it is zero on 
 gated family, and a model where it is not is refused.
 """
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -210,6 +211,12 @@ class HookedAdapter(TLModelShape, MemoryAdapter):
         except _StopForward:
             return None
         return None if stop_after is not None else out
+
+    def hooks(self, fwd_hooks: Sequence[FwdHook]) -> contextlib.AbstractContextManager[None]:
+        return self.model.hooks(fwd_hooks=list(fwd_hooks))
+
+    def value_weight(self, layer: int) -> Tensor:
+        return self._block(layer).mlp.W_out
 
     def readout(self, resid: Residual) -> Logits:
         model = self.model
