@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ffkv_lens.analysis.atlas import LayerTopK
 from ffkv_lens.errors import DamagedFileError
 from ffkv_lens.storage.reading import check_tensor, field, int_list, short
 
@@ -99,7 +100,7 @@ def check_units(tensors: dict[str, Tensor], path: Path, d_vocab: int | None) -> 
     return {name: parts[name].long() for name in _UNIT_FIELDS}
 
 
-def check_references(tables: dict[int, Any], units: dict[str, Tensor], path: Path) -> None:
+def check_references(tables: dict[int, LayerTopK], units: dict[str, Tensor], path: Path) -> None:
     """Every example's unit is stored (or -1: empty slot) and its position lies within that unit (or -1)."""
     ids, offsets = units["unit_ids"], units["offsets"]
     lengths = offsets.diff()

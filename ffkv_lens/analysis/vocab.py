@@ -40,6 +40,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ffkv_lens.adapters import MemoryAdapter, as_adapter
 from ffkv_lens.errors import ConfigError
 
 __all__ = [
@@ -263,9 +264,9 @@ def _block_tops(ro: _Readout, r: Tensor, y: Tensor, o: Tensor, targets: Tensor, 
     return tops, int(direct.numel())
 
 
-def _tileable_parts(adapter: Any) -> Any:
+def _tileable_parts(adapter: MemoryAdapter) -> Any:
     """The adapter's ReadoutParts when the tiled pass applies (float32 weights), else None."""
-    parts = getattr(adapter, "readout_parts", lambda: None)()
+    parts = adapter.readout_parts()
     return parts if parts is not None and parts.unembedding.dtype == torch.float32 else None
 
 
@@ -283,7 +284,7 @@ def state_tops_tiled(
 
     Needs ``lens.adapter.readout_parts()``; ``rows`` and ``tile`` change speed and memory only.
     """
-    adapter = lens.adapter
+    adapter = as_adapter(lens)
     parts = _tileable_parts(adapter)
     if parts is None:
         raise ConfigError(
@@ -317,7 +318,7 @@ def state_top(lens: Any, states: Float[Tensor, "n d_model"], *, tile: int = VOCA
 
     ``FFKV_LENS_KERNELS=reference`` (or a readout without parts) gives :func:`readout_top`.
     """
-    parts = _tileable_parts(lens.adapter)
+    parts = _tileable_parts(as_adapter(lens))
     if parts is None or os.environ.get(KERNELS_ENV, "").strip().lower() == "reference":
         return readout_top(lens, states)[0]
     w_u, bias, cap = parts.unembedding, parts.bias, parts.soft_cap
@@ -347,6 +348,6 @@ def state_tops(
 
     ``FFKV_LENS_KERNELS=reference`` forces :func:`state_tops_reference`.
     """
-    if _tileable_parts(lens.adapter) is None or os.environ.get(KERNELS_ENV, "").strip().lower() == "reference":
+    if _tileable_parts(as_adapter(lens)) is None or os.environ.get(KERNELS_ENV, "").strip().lower() == "reference":
         return state_tops_reference(lens, resid_before, ffn_output, resid_after, targets)
     return state_tops_tiled(lens, resid_before, ffn_output, resid_after, targets)
