@@ -16,6 +16,10 @@ from torch import Tensor
 
 from ffkv_lens.adapters import LayerHooks, MemoryAdapter, make_adapter
 from ffkv_lens.adapters.base import FwdHook
+from ffkv_lens.analysis.atlas import TriggerAtlas
+from ffkv_lens.analysis.search_config import BATCH_TOKENS, CHECKPOINT_EVERY, SEARCH_DEFAULTS
+from ffkv_lens.analysis.values import ValueProjection
+from ffkv_lens.corpus import Corpus, UnitKind
 from ffkv_lens.types import AttentionMask, Coefficients, Keys, Logits, MemoryLogits, Residual, Tokens, ValueBias, Values
 
 __all__ = ["MemoryLens"]
@@ -101,21 +105,21 @@ class MemoryLens:
 
     def search_triggers(
         self,
-        corpus: Any,
+        corpus: Corpus,
         *,
-        k: int = 50,
-        unit: str = "sentence",
-        max_len: int = 128,
+        k: int = SEARCH_DEFAULTS.k,
+        unit: UnitKind = SEARCH_DEFAULTS.unit,
+        max_len: int = SEARCH_DEFAULTS.max_len,
         layers: int | Sequence[int] | None = None,
-        signed: bool = False,
-        exclude_bos: bool = True,
-        max_tokens: int | None = None,
-        batch_tokens: int = 2048,
+        signed: bool = SEARCH_DEFAULTS.signed,
+        exclude_bos: bool = SEARCH_DEFAULTS.exclude_bos,
+        max_tokens: int | None = SEARCH_DEFAULTS.max_tokens,
+        batch_tokens: int = BATCH_TOKENS,
         device: str | None = None,
         checkpoint_dir: str | None = None,
-        checkpoint_every: int = 200_000,
+        checkpoint_every: int = CHECKPOINT_EVERY,
         progress: bool = True,
-    ) -> Any:
+    ) -> TriggerAtlas:
         """Top-k trigger examples of every key over a corpus (the paper's section 3).
 
         For each layer and key, the ``k`` units with the highest maximum coefficient (one example
@@ -147,7 +151,7 @@ class MemoryLens:
         from ffkv_lens.analysis.triggers import search_triggers
 
         return search_triggers(
-            self.adapter,
+            self,
             corpus,
             k=k,
             unit=unit,
@@ -163,7 +167,7 @@ class MemoryLens:
             progress=progress,
         )
 
-    def project_values(self, *, top_k: int = 10, layers: int | Sequence[int] | None = None) -> Any:
+    def project_values(self, *, top_k: int = 10, layers: int | Sequence[int] | None = None) -> ValueProjection:
         """Top-k and bottom-k tokens of every value in vocabulary space (chunked; docs/values.md).
 
         Example:

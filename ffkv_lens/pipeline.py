@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from ffkv_lens.analysis.search_config import BATCH_TOKENS, CHECKPOINT_EVERY, SEARCH_DEFAULTS
+from ffkv_lens.corpus import UNIT_KINDS, UnitKind
 from ffkv_lens.errors import ConfigError, FfkvLensError, RunFolderError
 from ffkv_lens.storage import atomic_write_json, read_json
 from ffkv_lens.storage.layout import RUN, RUN_STEPS, FolderClaim, RunPaths, claim_folder, remove_outputs
@@ -43,7 +45,6 @@ __all__ = ["STEPS", "RunConfig", "run_study"]
 
 log = logging.getLogger(__name__)
 STEPS = RUN_STEPS  # the steps in the order they run (ffkv_lens.storage.layout owns them)
-_UNITS = ("sentence", "document", "window")
 # RunConfig's integer settings that must be positive (the CLI's flags for them take positive integers only).
 POSITIVE_FIELDS = (
     "k",
@@ -88,9 +89,9 @@ class RunConfig:
     model: str = "smollm2-135m"
     corpus: str = "default"
     encoding_errors: Literal["strict", "replace"] = "strict"
-    unit: Literal["sentence", "document", "window"] = "sentence"
-    k: int = 50
-    max_len: int = 128
+    unit: UnitKind = SEARCH_DEFAULTS.unit
+    k: int = SEARCH_DEFAULTS.k
+    max_len: int = SEARCH_DEFAULTS.max_len
     max_tokens: int | None = 50_000
     signed: bool = True
     top_k: int = 10
@@ -100,14 +101,14 @@ class RunConfig:
     seed: int = 0
     device: str | None = None
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
-    batch_tokens: int = 2048
-    checkpoint_every: int = 200_000
+    batch_tokens: int = BATCH_TOKENS
+    checkpoint_every: int = CHECKPOINT_EVERY
 
     def __post_init__(self) -> None:
         from ffkv_lens.corpus.sources import check_encoding_errors
 
-        if self.unit not in _UNITS:
-            raise ConfigError(f"unit={self.unit!r}; allowed: {_UNITS}.")
+        if self.unit not in UNIT_KINDS:
+            raise ConfigError(f"unit={self.unit!r}; allowed: {UNIT_KINDS}.")
         check_encoding_errors(self.encoding_errors)
         for name in POSITIVE_FIELDS:
             value = getattr(self, name)

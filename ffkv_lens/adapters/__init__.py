@@ -9,16 +9,19 @@ stays fast.
 import importlib
 from typing import Any
 
-from ffkv_lens.adapters.base import LayerHooks, MemoryAdapter, ReadoutHooks
+from ffkv_lens.adapters.base import AdapterLike, LayerHooks, MemoryAdapter, ReadoutHooks, SupportsAdapter
 from ffkv_lens.adapters.families import FAMILIES, FamilySpec, register_family, supported_architectures
 from ffkv_lens.errors import ConfigError
 
 __all__ = [
     "FAMILIES",
+    "AdapterLike",
     "FamilySpec",
     "LayerHooks",
     "MemoryAdapter",
     "ReadoutHooks",
+    "SupportsAdapter",
+    "as_adapter",
     "load_hooked_model",
     "load_model",
     "make_adapter",
@@ -58,6 +61,31 @@ def make_adapter(model: Any) -> MemoryAdapter:
         f"MemoryLens needs a TransformerLens model; got {type(model).__module__}.{type(model).__name__}. "
         f"Supported model classes: {sorted(_BACKENDS)}. Load one with ffkv_lens.load_model(name)."
     )
+
+
+def as_adapter(model: object) -> MemoryAdapter:
+    """The :class:`MemoryAdapter` behind what a user passed to an analysis function.
+
+    Accepts a :class:`MemoryAdapter` (returned as is), anything whose ``.adapter`` is one (a
+    :class:`ffkv_lens.MemoryLens`; see :class:`SupportsAdapter`) or a TransformerLens model
+    (wrapped by :func:`make_adapter`). This is the one place where the analysis core unwraps its
+    argument, so the core never imports the ``MemoryLens`` facade.
+
+    Raises:
+        ConfigError: If ``model`` is none of these.
+    """
+    if isinstance(model, MemoryAdapter):
+        return model
+    inner = getattr(model, "adapter", None)
+    if isinstance(inner, MemoryAdapter):
+        return inner
+    try:
+        return make_adapter(model)
+    except ConfigError:
+        raise ConfigError(
+            f"Got a {type(model).__module__}.{type(model).__name__}; pass a ffkv_lens.MemoryLens, a "
+            "MemoryAdapter or a TransformerLens model (TransformerBridge or HookedTransformer)."
+        ) from None
 
 
 def load_model(*args: Any, **kwargs: Any) -> Any:

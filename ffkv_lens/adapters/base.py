@@ -14,17 +14,18 @@ import abc
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from ffkv_lens.adapters.families import FamilySpec
+from ffkv_lens.adapters.tl_model import ReadoutParts
 from ffkv_lens.errors import ConfigError, HookNotFiredError
 from ffkv_lens.types import AttentionMask, Coefficients, Keys, Logits, MemoryLogits, Residual, Tokens, ValueBias, Values
 
-__all__ = ["FwdHook", "LayerHooks", "MemoryAdapter", "ReadoutHooks"]
+__all__ = ["AdapterLike", "FwdHook", "LayerHooks", "MemoryAdapter", "ReadoutHooks", "SupportsAdapter"]
 
 FwdHook = tuple[str, Callable[[Tensor, Any], Tensor | None]]
 
@@ -133,6 +134,10 @@ class MemoryAdapter(abc.ABC):
     @abc.abstractmethod
     def describe(self) -> dict[str, Any]:
         """JSON-serialisable description of the model and adapter, recorded with results."""
+
+    def wraps(self, model: object) -> bool:
+        """Whether ``model`` is the very model object this adapter reads (e.g. an ``ActivationCache``'s ``.model``)."""
+        return False
 
     @property
     def architecture(self) -> str:
@@ -271,6 +276,16 @@ class MemoryAdapter(abc.ABC):
     @abc.abstractmethod
     def final_norm_centres(self) -> bool:
         """Whether the final norm subtracts the mean (LayerNorm) rather than only scaling (RMSNorm)."""
+
+    @abc.abstractmethod
+    def readout_parts(self) -> ReadoutParts | None:
+        """:meth:`readout` split into its steps (final norm, ``W_U``, bias, soft-cap), or ``None``.
+
+        ``readout(x) == soft_cap(norm(x) @ unembedding + bias)`` for the returned
+        :class:`~ffkv_lens.adapters.tl_model.ReadoutParts`; vocabulary passes use it to read
+        column tiles of ``W_U`` instead of whole logit rows. Return ``None`` when the readout is
+        not of that form (BERT's MLM head): callers then use :meth:`readout` itself.
+        """
 
     # -- value readout, shared by every backend ---------------------------------------------------
     @property
@@ -451,6 +466,20 @@ class MemoryAdapter(abc.ABC):
         """Context for analysis code: no autograd graph is built."""
         with torch.no_grad():
             yield
+
+
+@runtime_checkable
+class SupportsAdapter(Protocol):
+    """Anything that carries a :class:`MemoryAdapter` as ``.adapter``, e.g. a :class:`ffkv_lens.MemoryLens`."""
+
+    @property
+    def adapter(self) -> MemoryAdapter:
+        """The adapter the analysis reads."""
+        ...
+
+
+AdapterLike = MemoryAdapter | SupportsAdapter
+"""What every public analysis function takes as its first argument (unwrapped by ``as_adapter``)."""
 
 
 def _check_fired(expected: Sequence[str] | Mapping[str, Any], fired: Mapping[str, Any] | set[str]) -> None:

@@ -83,6 +83,10 @@ class TLModelShape:
                 digest.update(memoryview(data.numpy()))
         return digest.hexdigest()
 
+    def wraps(self, model: object) -> bool:
+        """Whether ``model`` is the TransformerLens model behind this adapter."""
+        return model is self.model
+
     def readout_parts(self) -> ReadoutParts | None:
         """:class:`ReadoutParts` of ``readout``; ``None`` for an MLM head (BERT), which is not of that form."""
         if self.spec.readout != "unembed":

@@ -27,6 +27,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from ffkv_lens.adapters import AdapterLike, MemoryAdapter, as_adapter
+from ffkv_lens.analysis.atlas import TriggerAtlas
 from ffkv_lens.analysis.values import ValueProjection, project_values_and_ranks, value_ranks
 from ffkv_lens.errors import AtlasMismatchError, ConfigError
 
@@ -104,7 +106,7 @@ class AgreementResult:
         return self.per_layer
 
 
-def agreement_targets(atlas: Any, sign: int = 1) -> dict[int, Int[Tensor, " d_mlp"]]:
+def agreement_targets(atlas: TriggerAtlas, sign: int = 1) -> dict[int, Int[Tensor, " d_mlp"]]:
     """Per layer, the next token of each key's top-1 (``sign=-1``: bottom-1) trigger; ``-1`` if none.
 
     These are the tokens whose rank ``value_agreement`` needs; pass them to
@@ -113,7 +115,7 @@ def agreement_targets(atlas: Any, sign: int = 1) -> dict[int, Int[Tensor, " d_ml
     return {layer: next_token_ids(atlas, layer, sign=sign)[:, 0] for layer in atlas.layers}
 
 
-def next_token_ids(atlas: Any, layer: int, *, sign: int = 1) -> Int[Tensor, "d_mlp k"]:
+def next_token_ids(atlas: TriggerAtlas, layer: int, *, sign: int = 1) -> Int[Tensor, "d_mlp k"]:
     """Next token id of every trigger example of ``layer`` (``-1``: empty slot or unit end).
 
     Read from the atlas's tensors: the example at unit-own position ``p`` is followed by
@@ -168,7 +170,7 @@ def _permuted(value_tok: Tensor, next_tok: Tensor, keys: Tensor, config: Agreeme
     return float(torch.stack(rates).mean())
 
 
-def _unigram(atlas: Any) -> Tensor | None:
+def _unigram(atlas: TriggerAtlas) -> Tensor | None:
     counts = atlas.next_token_counts
     if counts is None or int(counts.sum()) == 0:
         log.warning("The atlas has no next-token counts: baseline_unigram is NaN.")
@@ -176,7 +178,15 @@ def _unigram(atlas: Any) -> Tensor | None:
     return counts.double() / counts.sum()
 
 
-def _layer(lens: Any, layer: int, value_tok: Tensor, nxt: Tensor, ranks: Tensor, config: AgreementConfig, unigram: Any):
+def _layer(
+    adapter: MemoryAdapter,
+    layer: int,
+    value_tok: Tensor,
+    nxt: Tensor,
+    ranks: Tensor,
+    config: AgreementConfig,
+    unigram: Tensor | None,
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
     top1_next = nxt[:, 0]
     keys = (top1_next >= 0).nonzero().squeeze(1)
     agrees = value_tok == top1_next
@@ -192,7 +202,7 @@ def _layer(lens: Any, layer: int, value_tok: Tensor, nxt: Tensor, ranks: Tensor,
         "agreement_ci_high": high,
         "median_rank": _median(ranks[keys]),
         "mean_precision_at_k": float(precision[n_examples > 0].mean()) if bool((n_examples > 0).any()) else math.nan,
-        "baseline_uniform": 1.0 / lens.d_vocab,
+        "baseline_uniform": 1.0 / adapter.d_vocab,
         "baseline_unigram": float(unigram[value_tok[keys]].mean())
         if unigram is not None and keys.numel()
         else math.nan,
@@ -231,18 +241,22 @@ def _memory_frame(layer: int, parts: dict[str, Tensor], decode: dict[int, str]) 
     )
 
 
-def _decoder(lens: Any, parts: list[dict[str, Tensor]]) -> dict[int, str]:
+def _decoder(adapter: MemoryAdapter, parts: list[dict[str, Tensor]]) -> dict[int, str]:
     ids = sorted({t for p in parts for name in ("value_tok", "next") for t in p[name].tolist() if t >= 0})
-    return dict(zip(ids, lens.adapter.tokenizer.batch_decode([[t] for t in ids]), strict=True))
+    return dict(zip(ids, adapter.tokenizer.batch_decode([[t] for t in ids]), strict=True))
 
 
 def _projection_and_ranks(
-    lens: Any, atlas: Any, projection: ValueProjection | None, targets: dict[int, Tensor], sign: int
+    adapter: MemoryAdapter,
+    atlas: TriggerAtlas,
+    projection: ValueProjection | None,
+    targets: dict[int, Tensor],
+    sign: int,
 ) -> tuple[ValueProjection, dict[int, Tensor]]:
     """The projection and the rank of each memory's target (-1: none), in one pass when projecting here."""
     if projection is None:
-        return project_values_and_ranks(lens, top_k=1, layers=atlas.layers, targets=targets, sign=sign)
-    _check_projection(lens, atlas, projection)
+        return project_values_and_ranks(adapter, top_k=1, layers=atlas.layers, targets=targets, sign=sign)
+    _check_projection(adapter, atlas, projection)
     stored = projection.target_ranks.get(sign, {})
     if all(layer in stored and torch.equal(stored[layer][:, 0], target) for layer, target in targets.items()):
         return projection, {layer: stored[layer][:, 1] for layer in targets}  # ranked with the projection
@@ -251,13 +265,13 @@ def _projection_and_ranks(
         ranks[layer] = torch.full_like(target, -1)
         keys = (target >= 0).nonzero().squeeze(1)
         chunk = projection.settings.get("chunk_memories")
-        ranks[layer][keys] = value_ranks(lens, layer, keys, target[keys], sign=sign, chunk_memories=chunk)
+        ranks[layer][keys] = value_ranks(adapter, layer, keys, target[keys], sign=sign, chunk_memories=chunk)
     return projection, ranks
 
 
-def _check_projection(lens: Any, atlas: Any, projection: ValueProjection) -> None:
+def _check_projection(adapter: MemoryAdapter, atlas: TriggerAtlas, projection: ValueProjection) -> None:
     got = (projection.settings["d_vocab"], projection.settings["d_mlp"], projection.settings["value_readout_mode"])
-    want = (lens.d_vocab, lens.d_mlp, lens.value_readout_mode)
+    want = (adapter.d_vocab, adapter.d_mlp, adapter.value_readout_mode)
     if got != want:
         raise AtlasMismatchError(
             f"The projection has (d_vocab, d_mlp, readout) = {got}, the lens {want}; project with this lens."
@@ -269,7 +283,9 @@ def _check_projection(lens: Any, atlas: Any, projection: ValueProjection) -> Non
         )
 
 
-def _settings(lens: Any, atlas: Any, projection: ValueProjection, config: AgreementConfig) -> dict[str, Any]:
+def _settings(
+    adapter: MemoryAdapter, atlas: TriggerAtlas, projection: ValueProjection, config: AgreementConfig
+) -> dict[str, Any]:
     manifest = atlas.manifest
     return dict(
         asdict(config),
@@ -283,13 +299,13 @@ def _settings(lens: Any, atlas: Any, projection: ValueProjection, config: Agreem
             "tokenizer_fingerprint": manifest.get("tokenizer_fingerprint"),
             "progress": manifest.get("progress"),
         },
-        model=lens.adapter.describe(),
+        model=adapter.describe(),
     )
 
 
 def value_agreement(
-    lens: Any,
-    atlas: Any,
+    model: AdapterLike,
+    atlas: TriggerAtlas,
     projection: ValueProjection | None = None,
     *,
     variant: Variant = "paper",
@@ -300,7 +316,7 @@ def value_agreement(
     """Agreement between each value's top token and the next token of its key's top trigger.
 
     Args:
-        lens: A :class:`ffkv_lens.MemoryLens`.
+        model: A :class:`ffkv_lens.MemoryLens` or its :class:`~ffkv_lens.adapters.MemoryAdapter`.
         atlas: A :class:`ffkv_lens.TriggerAtlas` made with the same model (checked).
         projection: A :class:`ValueProjection` covering the atlas's layers; computed if None.
         variant: ``"paper"`` or ``"signed"`` (bottom token vs most negative triggers).
@@ -314,23 +330,24 @@ def value_agreement(
     import pandas as pd
 
     config = AgreementConfig(variant, n_bootstrap, n_permutations, seed)
-    atlas.check_matches(lens)
+    adapter = as_adapter(model)
+    atlas.check_matches(adapter)
     if config.sign == -1 and not atlas.signed:
         raise ConfigError("variant='signed' needs an atlas searched with signed=True; search again or use 'paper'.")
     sign = config.sign
     nexts = {layer: next_token_ids(atlas, layer, sign=sign) for layer in atlas.layers}
     with torch.no_grad():
         targets = {layer: nxt[:, 0] for layer, nxt in nexts.items()}  # = agreement_targets(atlas, sign)
-        projection, ranks = _projection_and_ranks(lens, atlas, projection, targets, sign)
+        projection, ranks = _projection_and_ranks(adapter, atlas, projection, targets, sign)
     unigram = _unigram(atlas)
     rows, parts = [], []
     for layer in atlas.layers:
         value_tok = (projection.top1 if sign == 1 else projection.bottom1)[layer].long()
-        row, part = _layer(lens, layer, value_tok, nexts[layer], ranks[layer], config, unigram)
+        row, part = _layer(adapter, layer, value_tok, nexts[layer], ranks[layer], config, unigram)
         rows.append(row)
         parts.append(part)
-    decode = _decoder(lens, parts)
-    settings = _settings(lens, atlas, projection, config)
+    decode = _decoder(adapter, parts)
+    settings = _settings(adapter, atlas, projection, config)
     per_layer = pd.DataFrame(rows)
     frames = [_memory_frame(layer, part, decode) for layer, part in zip(atlas.layers, parts, strict=True)]
     per_memory = pd.concat(frames, ignore_index=True)

@@ -22,6 +22,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ffkv_lens.adapters import AdapterLike, as_adapter
 from ffkv_lens.errors import AtlasMismatchError, ConfigError, DamagedFileError
 from ffkv_lens.storage import atomic_folder, read_json
 from ffkv_lens.storage.reading import load_tensors, short
@@ -321,12 +322,13 @@ class TriggerAtlas:
             tokenizer = _load_tokenizer(path / "tokenizer")
         return cls(top, bottom, units, manifest, tokenizer, tensors.get("corpus.next_token_counts"))
 
-    def check_matches(self, lens: Any) -> None:
-        """Raise :class:`AtlasMismatchError` if the atlas was not made with a model like ``lens``'s."""
-        model = self.manifest["model_layout"]
-        got = {"n_layers": lens.n_layers, "d_mlp": lens.d_mlp, "d_vocab": lens.d_vocab}
-        diffs = [f"{key}: atlas {model[key]} vs model {value}" for key, value in got.items() if model[key] != value]
-        fingerprint = tokenizer_fingerprint(lens.adapter.tokenizer)
+    def check_matches(self, model: AdapterLike) -> None:
+        """Raise :class:`AtlasMismatchError` if the atlas was not made with a model like ``model``."""
+        adapter = as_adapter(model)
+        layout = self.manifest["model_layout"]
+        got = {"n_layers": adapter.n_layers, "d_mlp": adapter.d_mlp, "d_vocab": adapter.d_vocab}
+        diffs = [f"{key}: atlas {layout[key]} vs model {value}" for key, value in got.items() if layout[key] != value]
+        fingerprint = tokenizer_fingerprint(adapter.tokenizer)
         if fingerprint != self.manifest["tokenizer_fingerprint"]:
             diffs.append(f"tokenizer: atlas {self.manifest['tokenizer_fingerprint']} vs model {fingerprint}")
         if diffs:

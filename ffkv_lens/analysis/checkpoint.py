@@ -14,17 +14,18 @@ from torch import Tensor
 
 from ffkv_lens.analysis.atlas import UnitStore
 from ffkv_lens.analysis.checks import check_units
+from ffkv_lens.distributed import World
 from ffkv_lens.errors import CheckpointMismatchError
 from ffkv_lens.kernels import TopKState
 from ffkv_lens.storage import atomic_folder, read_json
 from ffkv_lens.storage.reading import check_tensor, field, load_tensors
 
-__all__ = ["read_checkpoint", "write_checkpoint"]
+__all__ = ["rank_checkpoint_dir", "read_checkpoint", "write_checkpoint"]
 
 _FIELDS = ("values", "units", "positions")
 
 
-def write_checkpoint(folder: Path, search: Any) -> None:
+def write_checkpoint(folder: Path, search: Any) -> None:  # a TriggerSearch (which imports this module)
     """Write ``search``'s state to ``folder/checkpoint`` atomically."""
     from safetensors.torch import save_file
 
@@ -48,7 +49,7 @@ def write_checkpoint(folder: Path, search: Any) -> None:
         (tmp / "progress.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
-def read_checkpoint(folder: Path, search: Any) -> bool:
+def read_checkpoint(folder: Path, search: Any) -> bool:  # a TriggerSearch (which imports this module)
     """Restore ``search`` from ``folder/checkpoint``; False when there is none.
 
     Raises:
@@ -110,3 +111,24 @@ def _check_identity(saved: dict[str, Any], current: dict[str, Any], folder: Path
             f"The checkpoint in {folder} was written by a different search; differing: {'; '.join(diffs)}. "
             "Use the same arguments to resume, or another checkpoint_dir to start afresh."
         )
+
+
+def rank_checkpoint_dir(checkpoint_dir: str | Path, here: World) -> Path:
+    """This rank's checkpoint folder; refuses a folder written by a run of another world size.
+
+    A single process uses ``checkpoint_dir`` itself; rank ``r`` of ``n`` uses
+    ``checkpoint_dir/rank{r}-of-{n}``.
+    """
+    root = Path(checkpoint_dir)
+    mine = root / f"rank{here.rank}-of-{here.size}" if here.distributed else root
+    found = {p.name.split("-of-")[1] for p in root.glob("rank*-of-*") if (p / "checkpoint").exists()}
+    if (root / "checkpoint").exists():
+        found.add("1")
+    others = sorted(found - {str(here.size)})
+    if others:
+        raise CheckpointMismatchError(
+            f"{root} holds checkpoints of a run with {' and '.join(others)} process(es); this run has {here.size}. "
+            f"Resume with the same number of processes (torchrun --nproc-per-node {others[0]}), or use another "
+            "checkpoint folder (or --force) to start afresh."
+        )
+    return mine

@@ -20,9 +20,11 @@ Example:
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import pandas as pd
 import torch
 from torch import Tensor
 
+from ffkv_lens.adapters import AdapterLike, MemoryAdapter, as_adapter
 from ffkv_lens.errors import ConfigError, MissingActivationsError
 
 __all__ = ["DEFINITION", "contributions"]
@@ -38,9 +40,9 @@ def _is_cache(source: Any) -> bool:
     return isinstance(source, Mapping) or hasattr(source, "cache_dict")
 
 
-def _from_cache(adapter: Any, cache: Any, names: Sequence[str]) -> dict[str, Tensor]:
+def _from_cache(adapter: MemoryAdapter, cache: Any, names: Sequence[str]) -> dict[str, Tensor]:
     """The activations ``names`` from a cache keyed by canonical names or their aliases."""
-    if getattr(cache, "model", None) is not None and cache.model is not getattr(adapter, "model", None):
+    if getattr(cache, "model", None) is not None and not adapter.wraps(cache.model):
         raise ConfigError("The ActivationCache was made with another model than this lens's; pass a cache of it.")
     keys = set(cache.keys())
     found, missing = {}, []
@@ -60,7 +62,7 @@ def _from_cache(adapter: Any, cache: Any, names: Sequence[str]) -> dict[str, Ten
     return found
 
 
-def _activations(adapter: Any, source: Any, names: Sequence[str]) -> dict[str, Tensor]:
+def _activations(adapter: MemoryAdapter, source: Any, names: Sequence[str]) -> dict[str, Tensor]:
     if _is_cache(source):
         return _from_cache(adapter, source, names)
     if isinstance(source, str):
@@ -75,7 +77,7 @@ def _activations(adapter: Any, source: Any, names: Sequence[str]) -> dict[str, T
     return adapter.record(tokens.to(adapter.device), names)
 
 
-def _token_id(adapter: Any, token: int | str) -> int:
+def _token_id(adapter: MemoryAdapter, token: int | str) -> int:
     if isinstance(token, str):
         ids = adapter.tokenizer(token, add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
@@ -86,7 +88,7 @@ def _token_id(adapter: Any, token: int | str) -> int:
     return token
 
 
-def _value_tokens(adapter: Any, layer: int, keys: list[int], k: int) -> list[list[str]]:
+def _value_tokens(adapter: MemoryAdapter, layer: int, keys: list[int], k: int) -> list[list[str]]:
     if not keys or k == 0:
         return [[] for _ in keys]
     top = adapter.value_logits(layer, keys).topk(min(k, adapter.d_vocab), dim=-1).indices.tolist()
@@ -94,7 +96,7 @@ def _value_tokens(adapter: Any, layer: int, keys: list[int], k: int) -> list[lis
 
 
 def contributions(
-    lens: Any,
+    model: AdapterLike,
     source: Any,
     *,
     position: int,
@@ -103,11 +105,11 @@ def contributions(
     layers: int | Sequence[int] | None = None,
     batch: int = 0,
     top_tokens: int = 5,
-) -> Any:
+) -> pd.DataFrame:
     """The memories that most push ``token`` at ``position`` (see the module docstring).
 
     Args:
-        lens: A :class:`ffkv_lens.MemoryLens`.
+        model: A :class:`ffkv_lens.MemoryLens` or its :class:`~ffkv_lens.adapters.MemoryAdapter`.
         source: Text, token ids (``[pos]`` or ``[batch, pos]``), or an ``ActivationCache`` (or a
             dict of activations) the user made with ``run_with_cache``: then no forward pass runs.
         position: Token position (negative counts from the end; BOS, when prepended, is 0).
@@ -126,9 +128,7 @@ def contributions(
         ConfigError: For an invalid position, token, batch or source, or a post-LN encoder.
         MissingActivationsError: If a cache lacks needed hooks (they are named).
     """
-    import pandas as pd
-
-    adapter = lens.adapter
+    adapter = as_adapter(model)
     if adapter.spec.readout != "unembed":
         raise ConfigError(f"contributions() needs a decoder with an unembedding; {adapter.architecture} has not.")
     if top is not None and (not isinstance(top, int) or top < 1):
@@ -186,7 +186,7 @@ def contributions(
     return table
 
 
-def _top_tokens_column(adapter: Any, table: Any, k: int) -> list[list[str]]:
+def _top_tokens_column(adapter: MemoryAdapter, table: pd.DataFrame, k: int) -> list[list[str]]:
     out: list[list[str]] = [[] for _ in range(len(table))]
     with torch.no_grad():
         for layer, group in table.groupby("layer", sort=False):

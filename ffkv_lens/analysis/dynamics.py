@@ -23,6 +23,7 @@ top(o)``), *residual* (``top(o) = top(r) != top(y)``), *ffn* (``top(o) = top(y) 
 import logging
 import time
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -32,11 +33,19 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from ffkv_lens.analysis.sampling import SampleConfig, SampledStates, prefix_batches, record_states, sample_prefixes
-from ffkv_lens.analysis.values import value_extremes
+from ffkv_lens.adapters import AdapterLike, MemoryAdapter, as_adapter
+from ffkv_lens.analysis.sampling import (
+    Prefix,
+    SampleConfig,
+    SampledStates,
+    prefix_batches,
+    record_states,
+    sample_prefixes,
+)
+from ffkv_lens.analysis.values import ValueProjection, value_extremes
+from ffkv_lens.corpus import Corpus, UnitKind
 from ffkv_lens.errors import AtlasMismatchError, ConfigError
 from ffkv_lens.kernels import state_tops
-from ffkv_lens.lens import MemoryLens
 
 __all__ = [
     "BUCKETS",
@@ -292,18 +301,18 @@ def residual_table(records: PositionRecords, layers: list[int], n_layers: int) -
 
 
 def _batch_records(
-    lens: MemoryLens, states: SampledStates, extremes: list[tuple[Tensor, Tensor]], config: DynamicsConfig
+    adapter: MemoryAdapter, states: SampledStates, extremes: list[tuple[Tensor, Tensor]], config: DynamicsConfig
 ) -> dict[str, Tensor]:
     """Per-position, per-layer records of one batch (``[batch, layer]`` each)."""
     b, n_layers, d = states.ffn_output.shape
     flat = lambda x: x.reshape(b * n_layers, d)  # noqa: E731
     final = states.final_token.cpu()
     targets = final[:, None].expand(b, n_layers).reshape(-1)
-    tops = state_tops(lens, flat(states.resid_before), flat(states.ffn_output), flat(states.resid_after), targets)
+    tops = state_tops(adapter, flat(states.resid_before), flat(states.ffn_output), flat(states.resid_after), targets)
     top_r, top_y, top_o, prob_r = (x.view(b, n_layers) for x in (tops.top_r, tops.top_y, tops.top_o, tops.prob_r))
     layers = list(config.layers or ())
-    if lens.n_layers - 1 in layers:  # there top(o) is the final prediction, read once (no rounding apart)
-        top_o[:, layers.index(lens.n_layers - 1)] = final
+    if adapter.n_layers - 1 in layers:  # there top(o) is the final prediction, read once (no rounding apart)
+        top_o[:, layers.index(adapter.n_layers - 1)] = final
     m = states.coefficients.cpu()
     active = active_memories(m, config.active, config.active_threshold)
     agrees = torch.stack(
@@ -314,28 +323,28 @@ def _batch_records(
 
 # -- the analysis -------------------------------------------------------------------------------
 def layer_dynamics(
-    lens: MemoryLens,
-    corpus: Any,
+    model: AdapterLike,
+    corpus: Corpus | Iterable[tuple[int, str]],
     *,
     positions: int = 4000,
     seed: int = 0,
     active: ActiveMode = "positive",
     active_threshold: float = DEFAULT_ACTIVE_THRESHOLD,
     layers: int | list[int] | None = None,
-    unit: Literal["sentence", "document", "window"] = "sentence",
+    unit: UnitKind = "sentence",
     max_len: int = 128,
     max_units: int | None = None,
     short_prefix: int = DEFAULT_SHORT_PREFIX,
     batch_tokens: int = 4096,
     progress: bool = True,
-    projection: Any = None,
+    projection: ValueProjection | None = None,
 ) -> DynamicsResult:
     """Composition within each layer and residual vs FFN across layers (paper section 5).
 
     Both analyses come from the same forward passes over ``positions`` random prefixes.
 
     Args:
-        lens: The model's :class:`~ffkv_lens.MemoryLens`.
+        model: The model's :class:`~ffkv_lens.MemoryLens` or :class:`~ffkv_lens.adapters.MemoryAdapter`.
         corpus: A :class:`~ffkv_lens.Corpus` (or an iterable of ``(doc_id, text)``).
         positions: Prefixes to analyse (the paper used 4,000).
         seed: Seed of the prefix sample.
@@ -360,19 +369,20 @@ def layer_dynamics(
         >>> result = layer_dynamics(lens, fk.Corpus.default(), positions=500)  # doctest: +SKIP
         >>> result.residual[["layer", "resid_matches_final", "frac_composition"]]  # doctest: +SKIP
     """
-    chosen = lens.adapter.check_layers(layers)
+    adapter = as_adapter(model)
+    chosen = adapter.check_layers(layers)
     sample = SampleConfig(positions, seed, unit, max_len, max_units)
     config = DynamicsConfig(sample, active, active_threshold, short_prefix, tuple(chosen))
     start = time.perf_counter()
-    drawn = sample_prefixes(corpus, lens.adapter.tokenizer, sample)
+    drawn = sample_prefixes(corpus, adapter.tokenizer, sample)
     if not drawn.prefixes:
         raise ConfigError(f"The corpus gave no {unit} units to sample prefixes from; pass a non-empty corpus.")
-    with lens.adapter.inference():
-        extremes = _memory_predictions(lens, chosen, projection)
-        records = _run(lens, drawn.prefixes, extremes, config, batch_tokens, progress)
-    settings = _settings(lens, corpus, config, drawn.units_read, len(drawn.prefixes), batch_tokens)
-    comp = composition_table(records, chosen, lens.n_layers, lens.d_mlp, lens.adapter.tokenizer, short_prefix)
-    resid = residual_table(records, chosen, lens.n_layers)
+    with adapter.inference():
+        extremes = _memory_predictions(adapter, chosen, projection)
+        records = _run(adapter, drawn.prefixes, extremes, config, batch_tokens, progress)
+    settings = _settings(adapter, corpus, config, drawn.units_read, len(drawn.prefixes), batch_tokens)
+    comp = composition_table(records, chosen, adapter.n_layers, adapter.d_mlp, adapter.tokenizer, short_prefix)
+    resid = residual_table(records, chosen, adapter.n_layers)
     for table in (comp, resid):
         table.attrs["settings"] = settings
     per_prefix = ("unit_id", "doc_id", "position", "prefix_len", "final_token")
@@ -382,12 +392,14 @@ def layer_dynamics(
     return DynamicsResult(comp, resid, samples, records, settings, seconds)
 
 
-def _memory_predictions(lens: MemoryLens, layers: list[int], projection: Any) -> list[tuple[Tensor, Tensor]]:
+def _memory_predictions(
+    adapter: MemoryAdapter, layers: list[int], projection: ValueProjection | None
+) -> list[tuple[Tensor, Tensor]]:
     """Each analysed layer's value top and bottom tokens, from ``projection`` when given."""
     if projection is None:
-        return [value_extremes(lens, layer) for layer in layers]
+        return [value_extremes(adapter, layer) for layer in layers]
     got = tuple(projection.settings.get(key) for key in ("d_vocab", "d_mlp", "value_readout_mode"))
-    want = (lens.d_vocab, lens.d_mlp, lens.value_readout_mode)
+    want = (adapter.d_vocab, adapter.d_mlp, adapter.value_readout_mode)
     if got != want:
         raise AtlasMismatchError(
             f"The projection has (d_vocab, d_mlp, readout) = {got}, the lens {want}; project with this lens."
@@ -398,13 +410,19 @@ def _memory_predictions(lens: MemoryLens, layers: list[int], projection: Any) ->
     return [(projection.top1[layer].long(), projection.bottom1[layer].long()) for layer in layers]
 
 
-def _run(lens: MemoryLens, prefixes: list[Any], extremes: list[Any], config: DynamicsConfig, batch_tokens: int,
-         progress: bool) -> PositionRecords:  # fmt: skip
+def _run(
+    adapter: MemoryAdapter,
+    prefixes: list[Prefix],
+    extremes: list[tuple[Tensor, Tensor]],
+    config: DynamicsConfig,
+    batch_tokens: int,
+    progress: bool,
+) -> PositionRecords:
     from tqdm.auto import tqdm
 
     from ffkv_lens.distributed import all_sum_, shard, world
 
-    tok = lens.adapter.tokenizer
+    tok = adapter.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     layers = list(config.layers or ())
     n, width = len(prefixes), len(layers)
@@ -414,12 +432,10 @@ def _run(lens: MemoryLens, prefixes: list[Any], extremes: list[Any], config: Dyn
     final = torch.zeros(n, dtype=torch.int64)
     here = world()
     bar = tqdm(total=n, unit="prefix", desc="layer dynamics", disable=not (progress and here.is_main))
-    batches = prefix_batches(
-        prefixes, batch_tokens=batch_tokens, bos_token_id=lens.adapter.bos_token_id, pad_token_id=pad
-    )
+    batches = prefix_batches(prefixes, batch_tokens=batch_tokens, bos_token_id=adapter.bos_token_id, pad_token_id=pad)
     for _, batch in shard(batches, here):  # batch i on rank i % size (all of them in a single process)
-        states = record_states(lens, batch, layers)
-        for key, value in _batch_records(lens, states, extremes, config).items():
+        states = record_states(adapter, batch, layers)
+        for key, value in _batch_records(adapter, states, extremes, config).items():
             out[key][batch.index] = value.to(out[key].dtype)
         final[batch.index] = states.final_token.cpu()
         bar.update(len(batch.index) * here.size)
@@ -434,36 +450,42 @@ def _run(lens: MemoryLens, prefixes: list[Any], extremes: list[Any], config: Dyn
     )  # fmt: skip
 
 
-def _settings(lens: MemoryLens, corpus: Any, config: DynamicsConfig, units_read: int, drawn: int,
-              batch_tokens: int) -> dict[str, Any]:  # fmt: skip
+def _settings(
+    adapter: MemoryAdapter,
+    corpus: Corpus | Iterable[tuple[int, str]],
+    config: DynamicsConfig,
+    units_read: int,
+    drawn: int,
+    batch_tokens: int,
+) -> dict[str, Any]:
     describe = getattr(corpus, "describe", None)
     return {
         "analysis": "layer_dynamics (Geva et al. 2021, section 5)",
         **config.to_dict(),
         "positions_drawn": drawn,
         "units_read": units_read,
-        "has_bos": lens.adapter.bos_token_id is not None,
+        "has_bos": adapter.bos_token_id is not None,
         "active_definition": (
             "m_i > 0" if config.active == "positive" else f"|m_i| >= {config.active_threshold} * max_j |m_j|, m_i != 0"
         ),
         "memory_prediction": "value top token if m_i > 0, bottom token if m_i < 0, under lens.value_logits",
-        "value_readout_mode": lens.value_readout_mode,
+        "value_readout_mode": adapter.value_readout_mode,
         "state_readout": "argmax lens.readout(x): final norm with fresh statistics, unembedding, soft-cap",
         "final_prediction": "argmax lens.readout(resid_after_ffn of the last layer); post-LN: before the last LN",
         "buckets": list(BUCKETS),
         "stopwords": STOPWORDS_SOURCE,
         "ci": "Wilson score interval, 95%",
         "batch_tokens": batch_tokens,
-        "model": lens.adapter.describe(),
+        "model": adapter.describe(),
         "corpus": describe() if callable(describe) else None,
     }
 
 
-def composition(lens: MemoryLens, corpus: Any, **kwargs: Any) -> pd.DataFrame:
+def composition(model: AdapterLike, corpus: Corpus | Iterable[tuple[int, str]], **kwargs: Any) -> pd.DataFrame:
     """The composition table of :func:`layer_dynamics` (same keywords), one row per layer."""
-    return layer_dynamics(lens, corpus, **kwargs).composition
+    return layer_dynamics(model, corpus, **kwargs).composition
 
 
-def residual_agreement(lens: MemoryLens, corpus: Any, **kwargs: Any) -> pd.DataFrame:
+def residual_agreement(model: AdapterLike, corpus: Corpus | Iterable[tuple[int, str]], **kwargs: Any) -> pd.DataFrame:
     """The residual-vs-FFN table of :func:`layer_dynamics` (same keywords), one row per layer."""
-    return layer_dynamics(lens, corpus, **kwargs).residual
+    return layer_dynamics(model, corpus, **kwargs).residual

@@ -26,19 +26,20 @@ and keeps ``m, y, r, o`` at each row's analysed position only. The vocabulary pa
 import hashlib
 import heapq
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ffkv_lens.adapters import AdapterLike, LayerHooks, as_adapter
 from ffkv_lens.analysis.values import value_extremes
+from ffkv_lens.corpus import UNIT_KINDS, Corpus, Unit, UnitKind
 from ffkv_lens.errors import ConfigError, HookNotFiredError
 from ffkv_lens.kernels import state_top
 from ffkv_lens.kernels.readouts import readout_top
-from ffkv_lens.lens import MemoryLens
 from ffkv_lens.types import AttentionMask, Tokens
 
 __all__ = [
@@ -58,8 +59,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SAMPLING_SCHEME = "bottom-k-blake2b-v1"
-UnitKind = Literal["sentence", "document", "window"]
-_UNITS = ("sentence", "document", "window")
 
 
 def _check_int(name: str, value: object, minimum: int, optional: bool = False) -> None:
@@ -91,8 +90,8 @@ class SampleConfig:
     def __post_init__(self) -> None:
         _check_int("positions", self.positions, 1)
         _check_int("seed", self.seed, 0)
-        if self.unit not in _UNITS:
-            raise ConfigError(f"unit={self.unit!r} is not allowed; choose one of {list(_UNITS)}.")
+        if self.unit not in UNIT_KINDS:
+            raise ConfigError(f"unit={self.unit!r} is not allowed; choose one of {list(UNIT_KINDS)}.")
         _check_int("max_len", self.max_len, 1)
         _check_int("max_units", self.max_units, 1, optional=True)
 
@@ -138,7 +137,7 @@ def unit_draws(seed: int, unit_id: int) -> tuple[int, int]:
     return int.from_bytes(digest[:8], "big"), int.from_bytes(digest[8:], "big")
 
 
-def sample_prefixes(corpus: Any, tokenizer: Any, config: SampleConfig) -> PrefixSample:
+def sample_prefixes(corpus: Corpus | Iterable[tuple[int, str]], tokenizer: Any, config: SampleConfig) -> PrefixSample:
     """Draw ``config.positions`` random prefixes in one streaming pass over the corpus.
 
     Args:
@@ -151,7 +150,7 @@ def sample_prefixes(corpus: Any, tokenizer: Any, config: SampleConfig) -> Prefix
     """
     from ffkv_lens.corpus import iter_units
 
-    heap: list[tuple[int, int, Any]] = []  # max-heap on (key, unit_id) through negation
+    heap: list[tuple[int, int, Unit]] = []  # max-heap on (key, unit_id) through negation
     read = 0
     for unit in iter_units(corpus, tokenizer, unit=config.unit, max_len=config.max_len):
         if config.max_units is not None and read >= config.max_units:
@@ -169,7 +168,7 @@ def sample_prefixes(corpus: Any, tokenizer: Any, config: SampleConfig) -> Prefix
     return PrefixSample(prefixes, read)
 
 
-def _prefix(unit: Any, seed: int) -> Prefix:
+def _prefix(unit: Unit, seed: int) -> Prefix:
     _, draw = unit_draws(seed, unit.unit_id)
     position = draw % unit.n_tokens
     return Prefix(unit.unit_id, unit.doc_id, position, tuple(unit.token_ids[: position + 1]), unit.n_tokens)
@@ -209,7 +208,7 @@ def prefix_batches(
         ...  for b in prefix_batches(ps, batch_tokens=6, bos_token_id=1, pad_token_id=0)]
         [([1, 0], [[1, 7, 0], [1, 5, 6]], [1, 2])]
     """
-    from ffkv_lens.corpus import Unit, iter_batches
+    from ffkv_lens.corpus import iter_batches
 
     _check_int("batch_tokens", batch_tokens, 1)
     order = sorted(range(len(prefixes)), key=lambda i: (len(prefixes[i].token_ids), i))
@@ -228,7 +227,7 @@ class SampledStates(NamedTuple):
         ffn_output: y.
         resid_before: r (derived as ``o - y`` on parallel blocks).
         resid_after: o.
-        final_token: ``argmax lens.readout`` of the last layer's ``o`` (see :func:`record_states`).
+        final_token: ``argmax readout`` of the last layer's ``o`` (see :func:`record_states`).
     """
 
     coefficients: Float[Tensor, "batch layer d_mlp"]
@@ -239,24 +238,24 @@ class SampledStates(NamedTuple):
 
 
 # -- the forward pass -------------------------------------------------------------------------
-def record_states(lens: MemoryLens, batch: PrefixBatch, layers: list[int]) -> SampledStates:
+def record_states(model: AdapterLike, batch: PrefixBatch, layers: list[int]) -> SampledStates:
     """Run one batch once and keep ``m, y, r, o`` and the final prediction at each row's last token.
 
     The forward pass stops after the last layer's ``resid_after_ffn`` (no unembedding of every
-    token); the final prediction is ``argmax lens.readout`` of that state
+    token); the final prediction is ``argmax adapter.readout`` of that state
     (:func:`~ffkv_lens.kernels.state_top`), which is the model's own prediction wherever
     it is the final residual (every decoder family; on post-LN BERT it is the sum before the
     last LayerNorm, like every ``o`` there).
 
     Args:
-        lens: The model's lens.
+        model: The model's :class:`~ffkv_lens.MemoryLens` or :class:`~ffkv_lens.adapters.MemoryAdapter`.
         batch: Prefixes, one analysed position per row (``batch.last``).
         layers: Layers to keep.
 
     Returns:
         The states at the sampled positions (``r`` derived on parallel blocks).
     """
-    adapter = lens.adapter
+    adapter = as_adapter(model)
     dev = adapter.device
     rows, cols = torch.arange(batch.tokens.shape[0], device=dev), batch.last.to(dev)
     kept: dict[str, Tensor] = {}
@@ -264,7 +263,7 @@ def record_states(lens: MemoryLens, batch: PrefixBatch, layers: list[int]) -> Sa
     def keep(tensor: Tensor, hook: Any) -> None:
         kept[hook.name] = tensor.detach()[rows, cols]
 
-    last = adapter.hook_names(lens.n_layers - 1).resid_after_ffn
+    last = adapter.hook_names(adapter.n_layers - 1).resid_after_ffn
     names = [n for layer in layers for n in _layer_names(adapter.hook_names(layer))] + [last]
     with adapter.inference():
         adapter.run_with_hooks(
@@ -276,7 +275,7 @@ def record_states(lens: MemoryLens, batch: PrefixBatch, layers: list[int]) -> Sa
         missing = [n for n in names if n not in kept]
         if missing:
             raise HookNotFiredError(f"These hooks did not fire during the forward pass: {missing}.")
-        final = state_top(lens, kept[last])
+        final = state_top(adapter, kept[last])
     hooks = [adapter.hook_names(layer) for layer in layers]
     stack = lambda get: torch.stack([get(h, layer) for h, layer in zip(hooks, layers, strict=True)], 1)  # noqa: E731
     return SampledStates(
@@ -288,6 +287,6 @@ def record_states(lens: MemoryLens, batch: PrefixBatch, layers: list[int]) -> Sa
     )
 
 
-def _layer_names(hooks: Any) -> list[str]:
+def _layer_names(hooks: LayerHooks) -> list[str]:
     names = [hooks.coefficients, hooks.ffn_output, hooks.resid_after_ffn]
     return names + ([hooks.resid_before_ffn] if hooks.resid_before_ffn is not None else [])

@@ -14,14 +14,18 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ffkv_lens.adapters import AdapterLike, MemoryAdapter, as_adapter
 from ffkv_lens.analysis.atlas import LayerTopK, TriggerAtlas, UnitStore, tokenizer_fingerprint
+from ffkv_lens.analysis.search_config import BATCH_TOKENS, CHECKPOINT_EVERY, SEARCH_DEFAULTS, SearchConfig
+from ffkv_lens.corpus import Corpus, UnitBatch, UnitKind
+from ffkv_lens.distributed import World
 from ffkv_lens.errors import ConfigError
 from ffkv_lens.kernels import (
     TopKState,
@@ -34,53 +38,12 @@ from ffkv_lens.kernels import (
 )
 from ffkv_lens.storage.tables import library_versions
 
-__all__ = ["SearchConfig", "TriggerSearch", "search_triggers"]
+__all__ = ["SearchConfig", "TriggerSearch", "search_triggers"]  # SearchConfig: from search_config
 
 log = logging.getLogger(__name__)
-UnitKind = Literal["sentence", "document", "window"]
-_UNITS = ("sentence", "document", "window")
 # Units are sorted by length in groups of this many before batching, so that a batch of sentences
 # computes little padding (docs/performance.md); the result does not depend on it (ties go by unit id).
 SORT_WINDOW = 1024
-
-
-@dataclass(frozen=True)
-class SearchConfig:
-    """Every setting of a trigger search that changes its result.
-
-    Attributes:
-        k: Examples kept per key (and per sign).
-        unit: ``"sentence"`` (the paper's), ``"document"`` or ``"window"``.
-        max_len: Longest unit in tokens (without BOS); longer units are split or cut (docs/corpus.md).
-        layers: Layers searched (sorted), or None for all.
-        signed: Also keep the bottom-k (most negative coefficients).
-        exclude_bos: Never take the BOS position as a peak.
-        max_tokens: Stop after this many unit tokens (None: the whole corpus).
-    """
-
-    k: int = 50
-    unit: UnitKind = "sentence"
-    max_len: int = 128
-    layers: tuple[int, ...] | None = None
-    signed: bool = False
-    exclude_bos: bool = True
-    max_tokens: int | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.k, int) or self.k < 1:
-            raise ConfigError(f"k={self.k!r}; pass a positive integer (the paper used 25 and 50).")
-        if self.unit not in _UNITS:
-            raise ConfigError(f"unit={self.unit!r}; allowed: {_UNITS}.")
-        if not isinstance(self.max_len, int) or self.max_len < 2:
-            raise ConfigError(f"max_len={self.max_len!r}; pass an integer >= 2.")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            raise ConfigError(f"max_tokens={self.max_tokens!r}; pass a positive integer or None.")
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable settings."""
-        out = asdict(self)
-        out["layers"] = None if self.layers is None else list(self.layers)
-        return out
 
 
 @dataclass
@@ -102,7 +65,11 @@ class TriggerSearch:
     """
 
     def __init__(
-        self, adapter: Any, config: SearchConfig, corpus_info: dict[str, Any], batching: dict[str, Any] | None = None
+        self,
+        adapter: MemoryAdapter,
+        config: SearchConfig,
+        corpus_info: dict[str, Any],
+        batching: dict[str, Any] | None = None,
     ) -> None:
         self.adapter, self.config, self.corpus_info = adapter, config, corpus_info
         # How the stream is cut into batches: a checkpoint counts batches, so resuming needs the same cut.
@@ -155,7 +122,7 @@ class TriggerSearch:
         tables[layer] = merge_topk(tables[layer], values, positions, units)
 
     # -- the hot loop ----------------------------------------------------------------------
-    def update(self, batch: Any) -> None:
+    def update(self, batch: UnitBatch) -> None:
         """Run one batch of units through the model and merge its candidates into the top-k."""
         dev = self.adapter.device
         tokens = batch.tokens.to(dev)
@@ -219,7 +186,7 @@ class TriggerSearch:
         keep = seen.tolist()
         self._units = {u: v for u, v in self._units.items() if keep[u]}
 
-    def merge_world(self, here: Any) -> None:
+    def merge_world(self, here: World) -> None:
         """Combine the searches of every rank into the search of the whole corpus, on every rank.
 
         Top-k states are gathered and merged exactly (:func:`~ffkv_lens.kernels.merge_states`, in
@@ -339,7 +306,7 @@ def _one_cpu_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _batches(corpus: Any, adapter: Any, config: SearchConfig, batch_tokens: int) -> Iterator[Any]:
+def _batches(corpus: Corpus, adapter: MemoryAdapter, config: SearchConfig, batch_tokens: int) -> Iterator[UnitBatch]:
     """The batches of the whole search, always cut the same way (sharding and resuming index them).
 
     Units are sorted by length within groups of :data:`SORT_WINDOW` (deterministic), so that
@@ -358,49 +325,28 @@ def _batches(corpus: Any, adapter: Any, config: SearchConfig, batch_tokens: int)
     )
 
 
-def rank_checkpoint_dir(checkpoint_dir: str | Path, here: Any) -> Path:
-    """This rank's checkpoint folder; refuses a folder written by a run of another world size.
-
-    A single process uses ``checkpoint_dir`` itself; rank ``r`` of ``n`` uses
-    ``checkpoint_dir/rank{r}-of-{n}``.
-    """
-    from ffkv_lens.errors import CheckpointMismatchError
-
-    root = Path(checkpoint_dir)
-    mine = root / f"rank{here.rank}-of-{here.size}" if here.distributed else root
-    found = {p.name.split("-of-")[1] for p in root.glob("rank*-of-*") if (p / "checkpoint").exists()}
-    if (root / "checkpoint").exists():
-        found.add("1")
-    others = sorted(found - {str(here.size)})
-    if others:
-        raise CheckpointMismatchError(
-            f"{root} holds checkpoints of a run with {' and '.join(others)} process(es); this run has {here.size}. "
-            f"Resume with the same number of processes (torchrun --nproc-per-node {others[0]}), or use another "
-            "checkpoint folder (or --force) to start afresh."
-        )
-    return mine
-
-
 def search_triggers(
-    adapter: Any,
-    corpus: Any,
+    model: AdapterLike,
+    corpus: Corpus,
     *,
-    k: int = 50,
-    unit: UnitKind = "sentence",
-    max_len: int = 128,
+    k: int = SEARCH_DEFAULTS.k,
+    unit: UnitKind = SEARCH_DEFAULTS.unit,
+    max_len: int = SEARCH_DEFAULTS.max_len,
     layers: int | list[int] | None = None,
-    signed: bool = False,
-    exclude_bos: bool = True,
-    max_tokens: int | None = None,
-    batch_tokens: int = 2048,
+    signed: bool = SEARCH_DEFAULTS.signed,
+    exclude_bos: bool = SEARCH_DEFAULTS.exclude_bos,
+    max_tokens: int | None = SEARCH_DEFAULTS.max_tokens,
+    batch_tokens: int = BATCH_TOKENS,
     device: str | torch.device | None = None,
     checkpoint_dir: str | Path | None = None,
-    checkpoint_every: int = 200_000,
+    checkpoint_every: int = CHECKPOINT_EVERY,
     progress: bool = True,
 ) -> TriggerAtlas:
     """Find the top-k trigger examples of every key; see :meth:`ffkv_lens.MemoryLens.search_triggers`."""
+    from ffkv_lens.analysis.checkpoint import rank_checkpoint_dir
     from ffkv_lens.distributed import world
 
+    adapter = as_adapter(model)
     _check_device(adapter, device)
     chosen = adapter.check_layers(layers)
     config = SearchConfig(k, unit, max_len, tuple(chosen), signed, exclude_bos, max_tokens)
@@ -432,7 +378,7 @@ def search_triggers(
     return search.to_atlas()
 
 
-def _check_device(adapter: Any, device: str | torch.device | None) -> None:
+def _check_device(adapter: MemoryAdapter, device: str | torch.device | None) -> None:
     """The search runs where the model is; refuse a different device instead of moving the user's model."""
     if device is None:
         return

@@ -27,6 +27,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ffkv_lens.adapters import as_adapter
 from ffkv_lens.errors import AtlasMismatchError, ConfigError, DamagedFileError
 from ffkv_lens.kernels import value_row_stats
 from ffkv_lens.kernels.value_stats import count_beats, topk_by_logit
@@ -163,7 +164,7 @@ class ValueProjection:
         object.__setattr__(self, "top1", {layer: self.top_ids[layer][:, 0].contiguous() for layer in layers})
         object.__setattr__(self, "bottom1", {layer: self.bottom_ids[layer][:, 0].contiguous() for layer in layers})
         if self.tokenizer is None and self.lens is not None:
-            object.__setattr__(self, "tokenizer", self.lens.adapter.tokenizer)
+            object.__setattr__(self, "tokenizer", as_adapter(self.lens).tokenizer)
 
     def __repr__(self) -> str:
         mode = self.settings.get("value_readout_mode")
@@ -326,7 +327,7 @@ def project_values(
     """
     if not isinstance(top_k, int) or top_k < 1:
         raise ConfigError(f"top_k={top_k!r}; pass a positive integer (e.g. 10).")
-    chosen = lens.adapter.check_layers(layers)
+    chosen = as_adapter(lens).check_layers(layers)
     chunk = chunk_size(lens.d_vocab, chunk_memories=chunk_memories, memory_budget_mb=memory_budget_mb)
     k = min(top_k, lens.d_vocab)
     rank_targets = rank_targets or {}
@@ -356,7 +357,7 @@ def project_values(
         "value_readout_mode": lens.value_readout_mode,
         "d_vocab": lens.d_vocab,
         "d_mlp": lens.d_mlp,
-        "model": lens.adapter.describe(),
+        "model": as_adapter(lens).describe(),
         "definitions": DEFINITIONS,
         "chunk_memories": chunk,  # speed and memory only
     }

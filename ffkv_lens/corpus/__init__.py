@@ -16,20 +16,24 @@ from ffkv_lens.corpus.batches import UnitBatch, iter_batches
 from ffkv_lens.corpus.corpus import Corpus, CorpusStats, Document
 from ffkv_lens.corpus.sentences import split_sentences
 from ffkv_lens.corpus.units import (
+    UNIT_KINDS,
     Unit,
     UnitConfig,
+    UnitKind,
     UnitStats,
     UnitStream,
     iter_units,
 )
 
 __all__ = [
+    "UNIT_KINDS",
     "Corpus",
     "CorpusStats",
     "Document",
     "Unit",
     "UnitBatch",
     "UnitConfig",
+    "UnitKind",
     "UnitStats",
     "UnitStream",
     "iter_batches",

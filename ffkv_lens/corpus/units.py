@@ -43,6 +43,7 @@ from ffkv_lens.corpus.sentences import DEFAULT_MAX_CHARS, cut_spans, line_spans,
 from ffkv_lens.errors import ConfigError
 
 __all__ = [
+    "UNIT_KINDS",
     "Unit",
     "UnitConfig",
     "UnitKind",
@@ -55,6 +56,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 UnitKind = Literal["sentence", "document", "window"]
+"""The kinds of unit a corpus is cut into; the one definition every config and CLI choice derives from."""
+UNIT_KINDS: tuple[UnitKind, ...] = get_args(UnitKind)
 LongSentences = Literal["truncate", "split"]
 
 

@@ -50,7 +50,7 @@ class StateTops(NamedTuple):
 def tileable_parts(model: Any) -> Any:
     """The model's ``ReadoutParts`` when the tiled twin applies (float32 weights), else None."""
     adapter = getattr(model, "adapter", model)
-    parts = getattr(adapter, "readout_parts", lambda: None)()
+    parts = adapter.readout_parts()
     return parts if parts is not None and parts.unembedding.dtype == torch.float32 else None
 
 

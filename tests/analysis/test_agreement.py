@@ -55,22 +55,25 @@ class FakeTokenizer:
         return [f"t{row[0]}" for row in ids]
 
 
+@MemoryAdapter.register
 class FakeAdapter:
-    n_layers, tokenizer = 1, FakeTokenizer()
+    """Just what the value analyses read from a MemoryAdapter."""
+
+    n_layers, d_mlp, d_vocab, value_readout_mode, tokenizer = 1, 4, V, "fake", FakeTokenizer()
     check_layers = MemoryAdapter.check_layers
 
     def describe(self) -> dict:
         return {"backend": "fake"}
 
-
-class FakeLens:
-    """Just what the value analyses read from a MemoryLens."""
-
-    n_layers, d_mlp, d_vocab, value_readout_mode = 1, 4, V, "fake"
-    adapter = FakeAdapter()
-
     def value_logits(self, layer: int, memories=None) -> torch.Tensor:
         return LOGITS if memories is None else LOGITS[torch.as_tensor(memories, dtype=torch.long)]
+
+
+class FakeLens:
+    """A lens-like handle: the analyses unwrap its ``adapter``."""
+
+    def __init__(self) -> None:
+        self.adapter = FakeAdapter()
 
 
 def _table(rows: list[list[tuple[int, int]]], sign: int) -> LayerTopK:
@@ -137,7 +140,7 @@ def test_hand_computed_signed_variant() -> None:
 
 def test_permuted_baseline_equals_agreement_when_all_values_agree_on_a_token(monkeypatch) -> None:
     lens = FakeLens()
-    monkeypatch.setattr(lens, "value_logits", lambda layer, memories=None: torch.eye(V)[[1, 1, 1, 1]][memories])
+    monkeypatch.setattr(lens.adapter, "value_logits", lambda layer, memories=None: torch.eye(V)[[1, 1, 1, 1]][memories])
     result = value_agreement(lens, hand_atlas(), n_permutations=5)
     row = result.per_layer.iloc[0]
     assert row.agreement_rate == pytest.approx(2 / 3, abs=1e-12) and row.baseline_permuted == row.agreement_rate

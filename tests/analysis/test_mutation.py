@@ -18,10 +18,12 @@ import torch
 from jaxtyping import TypeCheckError
 
 from ffkv_lens import MemoryLens
-from ffkv_lens.analysis import mutation_runs, mutation_test
+from ffkv_lens.adapters import MemoryAdapter
+from ffkv_lens.analysis import mutation_test
 from ffkv_lens.analysis.atlas import LayerTopK, TriggerAtlas, UnitStore, tokenizer_fingerprint
 from ffkv_lens.analysis.mutation import MutationConfig
-from ffkv_lens.analysis.mutation_runs import batch_bounds, cheapest_bounds, random_token_index, unit_order
+from ffkv_lens.analysis.mutation.batching import FORWARD_OVERHEAD_TOKENS, batch_bounds, cheapest_bounds
+from ffkv_lens.analysis.mutation.streams import random_token_index, unit_order
 from ffkv_lens.analysis.triggers import search_triggers
 from ffkv_lens.corpus import Corpus
 from ffkv_lens.errors import AtlasMismatchError, ConfigError
@@ -53,11 +55,13 @@ def _fake_m(tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.stack([x, x.cumsum(1), 1.0 + 4.0 * first_is_bos], dim=-1)
 
 
+@MemoryAdapter.register
 class _Adapter:
     """Key 0: the last token's id. Key 1: sum of the ids so far. Key 2: 5 if the sequence starts
     with BOS (id 0; contributes 0 to keys 0 and 1) else 1. Causal by construction."""
 
     tokenizer, device, causal = _Tokenizer(), torch.device("cpu"), True
+    n_layers, d_mlp, d_vocab = 1, 3, 64
 
     def __init__(self, bos: int | None) -> None:
         self.bos_token_id = bos
@@ -77,17 +81,18 @@ class _Adapter:
         for name, fn in fwd_hooks:
             fn(m, SimpleNamespace(name=name))
 
+    def coefficients(self, tokens, *, layers, attention_mask):
+        self.calls.append(tuple(tokens.shape))
+        return {0: _fake_m(tokens, attention_mask)}
+
 
 class _FakeLens:
-    n_layers, d_mlp, d_vocab = 1, 3, 64
+    """A lens-like handle: the mutation test unwraps its ``adapter``."""
 
     def __init__(self, bos: int | None) -> None:
         self.adapter = _Adapter(bos)
         self.calls = self.adapter.calls
-
-    def coefficients(self, tokens, *, layers, attention_mask):
-        self.calls.append(tuple(tokens.shape))
-        return {0: _fake_m(tokens, attention_mask)}
+        self.coefficients = self.adapter.coefficients
 
 
 def _fake_atlas(has_bos: bool) -> TriggerAtlas:
@@ -496,7 +501,7 @@ def test_cheapest_bounds_is_optimal(seed: int) -> None:
             rows, width = e - s, int(lengths[s:e].max())
             if rows > 1 and rows * width > budget:
                 return float("inf")
-            total += (int(depths[s:e].max()) + 1) * (rows * width + mutation_runs.FORWARD_OVERHEAD_TOKENS)
+            total += (int(depths[s:e].max()) + 1) * (rows * width + FORWARD_OVERHEAD_TOKENS)
         return total
 
     got = cheapest_bounds(lengths, depths, budget)

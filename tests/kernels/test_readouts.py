@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ffkv_lens import MemoryLens
+from ffkv_lens.adapters import MemoryAdapter
 from ffkv_lens.adapters.tl_model import ReadoutParts
 from ffkv_lens.analysis.sampling import SampleConfig, prefix_batches, record_states, sample_prefixes
 from ffkv_lens.corpus import Corpus
@@ -119,6 +120,7 @@ def test_rows_that_fail_the_checks_read_o_directly(tiny_bridge) -> None:
                           state_tops_reference(lens, r, y, o, targets), "mixed rows")  # fmt: skip
 
 
+@MemoryAdapter.register
 class IntegerAdapter:
     """A readout with identity norm and integer weights: every logit is exact, so ties are exact."""
 

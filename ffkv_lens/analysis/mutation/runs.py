@@ -1,7 +1,5 @@
-"""How the mutation test gets its coefficients: the examples, the random-token rule, two strategies.
+"""How the mutation test gets its coefficients: two strategies over the same examples.
 
-- :func:`collect_examples` samples the keys, cuts each trigger example at its peak and draws the
-  token a ``random`` mutation removes (:func:`random_token_index`, one seeded permutation per unit).
 - :func:`run_prefix` (the reference, any model): every distinct original or mutated prefix is run
   alone (right-padded, masked) once per layer, up to that layer, and its last position is read.
 - :func:`run_shared` (causal models only): on a causal model the coefficient at the last position
@@ -25,161 +23,14 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from ffkv_lens.adapters import MemoryAdapter
+from ffkv_lens.analysis.mutation.batching import batch_bounds, cheapest_bounds, pad_token, padded
+from ffkv_lens.analysis.mutation.examples import Examples
 from ffkv_lens.errors import HookNotFiredError
 
-__all__ = [
-    "ROW_FIELDS",
-    "Examples",
-    "batch_bounds",
-    "cheapest_bounds",
-    "collect_examples",
-    "random_token_index",
-    "run_prefix",
-    "run_shared",
-    "unit_order",
-]
+__all__ = ["run_prefix", "run_shared"]
 
 log = logging.getLogger(__name__)
-
-# Independent random streams: keys per (seed, layer); random tokens per (seed, unit).
-KEYS_STREAM, TOKENS_STREAM = 0, 1
-ROW_FIELDS = ("layer", "key", "rank", "unit_id", "position", "m_atlas", "random_index", "n_own_tokens")
-# Order of the four measured coefficients of an example.
-MEASURED = ("m_orig", "m_first", "m_last", "m_random")
-
-
-@dataclass
-class Examples:
-    """Every measured example of the tested layers, in layer, key, rank order.
-
-    Attributes:
-        rows: Column lists named by :data:`ROW_FIELDS`.
-        skipped_short: ``{layer: {key: examples skipped for fewer than 2 own tokens}}``.
-        units: Own tokens (no BOS) of every unit an example uses.
-        head: ``(bos,)`` when the atlas was searched with BOS, else ``()``.
-    """
-
-    rows: dict[str, list[Any]]
-    skipped_short: dict[int, dict[int, int]]
-    units: dict[int, tuple[int, ...]]
-    head: tuple[int, ...]
-
-    def __len__(self) -> int:
-        return len(self.rows["key"])
-
-
-def random_token_index(order: np.ndarray, n: int) -> int:
-    """The own token a ``random`` mutation of an ``n``-token prefix removes.
-
-    ``order`` is the unit's seeded permutation of ``range(len(unit))``; the index removed is its
-    first entry below ``n``. For a uniform permutation this is uniform on ``[0, n)`` (by symmetry,
-    each of ``0 .. n - 1`` is equally likely to come first among them), and all prefixes of a unit
-    share few distinct removals (the running minima of the permutation, about ``ln(len(unit))``).
-
-    Args:
-        order: A permutation of ``0 .. L - 1`` with ``L >= n``.
-        n: Own tokens of the prefix, at least 1.
-
-    Returns:
-        The removed own-token index, in ``[0, n)``.
-    """
-    return int(order[int(np.argmax(order < n))])
-
-
-def unit_order(seed: int, unit_id: int, n_tokens: int) -> np.ndarray:
-    """The unit's seeded permutation of its own token indices (independent of layer and key)."""
-    return np.random.default_rng([seed, unit_id, TOKENS_STREAM]).permutation(n_tokens)
-
-
-def collect_examples(atlas: Any, config: Any, layers: list[int], bos: int | None) -> Examples:
-    """Sample keys per layer, cut each example at its peak and draw its random token."""
-    head = () if bos is None else (bos,)
-    out = Examples({name: [] for name in ROW_FIELDS}, {}, {}, head)
-    orders: dict[int, np.ndarray] = {}
-    for layer in layers:
-        table = (atlas.top if config.sign == 1 else atlas.bottom)[layer]
-        rng_keys = np.random.default_rng([config.seed, layer, KEYS_STREAM])
-        with_examples = torch.nonzero(table.units[:, 0] >= 0).flatten().numpy()
-        n_keys = min(config.keys_per_layer, len(with_examples))
-        keys = np.sort(rng_keys.choice(with_examples, size=n_keys, replace=False)).tolist()
-        n_ex = min(config.examples, table.units.shape[1])
-        skipped = out.skipped_short.setdefault(layer, {key: 0 for key in keys})
-        fields = (table.units[keys, :n_ex], table.positions[keys, :n_ex], table.values[keys, :n_ex])
-        for key, units, positions, values in zip(keys, *(f.tolist() for f in fields), strict=True):
-            for rank, (unit, position, m_atlas) in enumerate(zip(units, positions, values, strict=True)):
-                if unit < 0:
-                    break
-                if position < 1:  # fewer than 2 own tokens (position -1: the peak is the BOS)
-                    skipped[key] += 1
-                    continue
-                if unit not in out.units:
-                    out.units[unit] = tuple(atlas.units.get(unit)[1])
-                    orders[unit] = unit_order(config.seed, unit, len(out.units[unit]))
-                j = random_token_index(orders[unit], position + 1)
-                row = (layer, key, rank, unit, position, m_atlas, j, position + 1)
-                for name, value in zip(ROW_FIELDS, row, strict=True):
-                    out.rows[name].append(value)
-    return out
-
-
-def _pad_token(lens: Any) -> int:
-    tok = lens.adapter.tokenizer
-    return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-
-
-def _padded(rows: list[tuple[int, ...]], pad: int) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
-    """Right-padded token ids and the attention mask (1 on real tokens)."""
-    lengths = torch.tensor([len(r) for r in rows])
-    width = int(lengths.max())
-    tokens = torch.full((len(rows), width), pad, dtype=torch.int64)
-    for i, row in enumerate(rows):
-        tokens[i, : len(row)] = torch.tensor(row)
-    return tokens, (torch.arange(width) < lengths[:, None]).long()
-
-
-def batch_bounds(lengths: list[int], batch_tokens: int) -> list[tuple[int, int]]:
-    """Split ascending ``lengths`` into runs whose padded size (rows x longest) fits ``batch_tokens``."""
-    bounds, start = [], 0
-    for i, length in enumerate(lengths):
-        if i > start and (i - start + 1) * length > batch_tokens:
-            bounds.append((start, i))
-            start = i
-    if lengths:
-        bounds.append((start, len(lengths)))
-    return bounds
-
-
-# Fixed cost of one forward pass in padded tokens per layer run (hook and module-call overhead;
-# measured ~5 ms per layer per forward on SmolLM2-135M on 2 CPU cores, ~70 tokens' worth).
-FORWARD_OVERHEAD_TOKENS = 64
-
-
-def cheapest_bounds(lengths: np.ndarray, depths: np.ndarray, batch_tokens: int) -> list[tuple[int, int]]:
-    """Split rows, in the given order, into consecutive batches of least modelled cost.
-
-    A batch of rows ``s .. e - 1`` costs ``(max depth + 1) * (rows * max length + FORWARD_OVERHEAD_TOKENS)``
-    (padded tokens times layers run, plus a fixed overhead per forward) and holds at most
-    ``batch_tokens`` padded tokens unless it is a single row. Exact minimum by dynamic programming
-    over the split points; rows sorted by length pad least.
-    """
-    n = len(lengths)
-    window = max(1, batch_tokens // max(1, int(lengths.min()))) if n else 1
-    best, start = np.zeros(n + 1), np.zeros(n + 1, dtype=np.int64)
-    for end in range(1, n + 1):
-        first = max(0, end - window)
-        starts = np.arange(first, end)
-        depth = np.maximum.accumulate(depths[first:end][::-1])[::-1]
-        width = np.maximum.accumulate(lengths[first:end][::-1])[::-1]
-        rows = end - starts
-        cost = best[first:end] + (depth + 1) * (rows * width + FORWARD_OVERHEAD_TOKENS)
-        cost[(rows * width > batch_tokens) & (rows > 1)] = np.inf
-        pick = int(np.argmin(cost))
-        best[end], start[end] = cost[pick], starts[pick]
-    bounds, end = [], n
-    while end > 0:
-        bounds.append((int(start[end]), end))
-        end = int(start[end])
-    return bounds[::-1]
 
 
 # -- the reference: each prefix alone, once per layer --------------------------------------------
@@ -200,7 +51,9 @@ def _prefixes(ex: Examples, rows: np.ndarray, dedupe: bool) -> tuple[list[tuple[
     return prefixes, seq
 
 
-def run_prefix(lens: Any, ex: Examples, batch_tokens: int, dedupe: bool, progress: bool) -> tuple[np.ndarray, dict]:
+def run_prefix(
+    adapter: MemoryAdapter, ex: Examples, batch_tokens: int, dedupe: bool, progress: bool
+) -> tuple[np.ndarray, dict]:
     """``[examples, 4]`` coefficients (orig, first, last, random), each prefix run alone per layer."""
     from tqdm.auto import tqdm
 
@@ -230,7 +83,9 @@ def run_prefix(lens: Any, ex: Examples, batch_tokens: int, dedupe: bool, progres
         for layer, (rows, prefixes, seq) in plans.items():
             start = time.perf_counter()
             pair_key = torch.as_tensor(np.repeat(keys[rows], 4))
-            values = _last_coefficients(lens, layer, prefixes, torch.as_tensor(seq.reshape(-1)), pair_key, batch_tokens)
+            values = _last_coefficients(
+                adapter, layer, prefixes, torch.as_tensor(seq.reshape(-1)), pair_key, batch_tokens
+            )
             out[rows] = values.reshape(-1, 4).numpy()
             stats["seconds"][layer] = round(time.perf_counter() - start, 3)
             log.info("layer %d: %d sequences in %.1f s", layer, len(prefixes), stats["seconds"][layer])
@@ -239,7 +94,7 @@ def run_prefix(lens: Any, ex: Examples, batch_tokens: int, dedupe: bool, progres
 
 
 def _last_coefficients(
-    lens: Any,
+    adapter: MemoryAdapter,
     layer: int,
     prefixes: list[tuple[int, ...]],
     pair_seq: Int[Tensor, " pairs"],
@@ -256,11 +111,11 @@ def _last_coefficients(
     pair_slot = slot[pair_seq]
     perm = torch.argsort(pair_slot, stable=True)
     sorted_slot = pair_slot[perm]
-    pad, dev = _pad_token(lens), lens.adapter.device
+    pad, dev = pad_token(adapter), adapter.device
     for start, end in batch_bounds([len(prefixes[i]) for i in order], batch_tokens):
-        tokens, mask = _padded([prefixes[i] for i in order[start:end]], pad)
+        tokens, mask = padded([prefixes[i] for i in order[start:end]], pad)
         with torch.no_grad():
-            m = lens.coefficients(tokens.to(dev), layers=[layer], attention_mask=mask.to(dev))[layer]
+            m = adapter.coefficients(tokens.to(dev), layers=[layer], attention_mask=mask.to(dev))[layer]
         last = m[torch.arange(len(tokens), device=m.device), (mask.sum(1) - 1).to(m.device)].double().cpu()
         lo, hi = torch.searchsorted(sorted_slot, torch.tensor([start, end])).tolist()
         sel = perm[lo:hi]
@@ -315,7 +170,7 @@ def _plan_shared(ex: Examples) -> _Variants:
     return _Variants(list(index), kinds, need_len, need_layer, req_var.ravel(), req_pos.ravel())
 
 
-def run_shared(lens: Any, ex: Examples, batch_tokens: int, progress: bool) -> tuple[np.ndarray, dict]:
+def run_shared(adapter: MemoryAdapter, ex: Examples, batch_tokens: int, progress: bool) -> tuple[np.ndarray, dict]:
     """``[examples, 4]`` coefficients (orig, first, last, random) from one forward per variant."""
     from tqdm.auto import tqdm
 
@@ -358,14 +213,14 @@ def run_shared(lens: Any, ex: Examples, batch_tokens: int, progress: bool) -> tu
             sel = perm[lo:hi]
             rows = [plan.seqs[v][: plan.need_len[v]] for v in order[start:end].tolist()]
             where = (req_slot[sel] - start, plan.req_pos[sel], req_key[sel])
-            values[sel] = _gather(lens, rows, req_layer[sel], where, int(depths[start:end].max()))
+            values[sel] = _gather(adapter, rows, req_layer[sel], where, int(depths[start:end].max()))
             bar.update(int((lengths[start:end] * (depths[start:end] + 1)).sum()))
     stats["seconds"] = round(time.perf_counter() - start_time, 3)
     return values.reshape(-1, 4), stats
 
 
 def _gather(
-    lens: Any,
+    adapter: MemoryAdapter,
     rows: list[tuple[int, ...]],
     layers: np.ndarray,
     where: tuple[np.ndarray, np.ndarray, np.ndarray],
@@ -375,8 +230,8 @@ def _gather(
 
     Each request is read at its layer inside the hook, so no layer's whole activation is kept.
     """
-    tokens, mask = _padded(rows, _pad_token(lens))
-    adapter, dev = lens.adapter, lens.adapter.device
+    tokens, mask = padded(rows, pad_token(adapter))
+    dev = adapter.device
     out = np.zeros(len(layers))
     fired: set[str] = set()
 
