@@ -81,8 +81,9 @@ class RunConfig:
         seed: Seed of every sampled quantity.
         device: ``"cpu"``, ``"cuda"``... (None: cuda if available).
         dtype: Model dtype name.
-        batch_tokens: Padded tokens per forward pass of the trigger search, the dynamics and the
-            mutation test (speed and memory only: the tables are the same at any value).
+        batch_tokens: Padded tokens per forward pass of the trigger search (speed and memory only: the
+            atlas is the same at any value). The dynamics and mutation steps keep their own batch
+            size: their tables agree across batch sizes only to float rounding, so a run fixes it.
         checkpoint_every: Tokens between checkpoints of the trigger search (resume granularity only).
     """
 
@@ -352,7 +353,6 @@ def _run_steps(run: _Run, lens: Any, corpus: Any, progress: bool, say: Callable[
             corpus,
             positions=c.positions,
             seed=c.seed,
-            batch_tokens=c.batch_tokens,
             progress=progress,
             projection=projection,
         )
@@ -389,7 +389,6 @@ def _run_steps(run: _Run, lens: Any, corpus: Any, progress: bool, say: Callable[
             keys_per_layer=c.keys_per_layer,
             examples=c.examples,
             seed=c.seed,
-            batch_tokens=c.batch_tokens,
             progress=progress,
         )
         return _write_result(

@@ -10,6 +10,7 @@ import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import pytest
 
 from ffkv_lens.browser import BrowserServer
@@ -115,14 +116,18 @@ def test_non_finite_numbers_are_null(tiny_index, tmp_path, tiny_atlas) -> None:
     copy = tmp_path / "browser.sqlite"
     shutil.copyfile(tiny_index, copy)
     layer, key = tiny_atlas.layers[1], 5
-    with sqlite3.connect(copy) as conn:
+    with sqlite3.connect(copy) as conn:  # the index packs ids, logits and coefficients (meta "dtypes")
         memory_id = layer * tiny_atlas.d_mlp + key
-        logits = json.loads(conn.execute("SELECT top_logits FROM memories WHERE id = ?", (memory_id,)).fetchone()[0])
+        dtypes = json.loads(conn.execute("SELECT value FROM meta WHERE name = 'dtypes'").fetchone()[0])
+        packed = conn.execute("SELECT top_logits FROM memories WHERE id = ?", (memory_id,)).fetchone()[0]
+        logits = np.frombuffer(packed, dtype=dtypes["logit"]).copy()
         logits[:2] = [float("nan"), float("-inf")]
-        conn.execute("UPDATE memories SET top_logits = ? WHERE id = ?", (json.dumps(logits), memory_id))
-        conn.execute(
-            "UPDATE examples SET coefficient = ? WHERE memory = ? AND sign = 1 AND rank = 0", (float("inf"), memory_id)
-        )
+        conn.execute("UPDATE memories SET top_logits = ? WHERE id = ?", (logits.tobytes(), memory_id))
+        row = conn.execute("SELECT coefficients FROM examples WHERE id = ?", (memory_id * 2,)).fetchone()[0]
+        coefficients = np.frombuffer(row, dtype=dtypes["coefficient"]).copy()
+        coefficients[0] = float("inf")
+        conn.execute("UPDATE examples SET coefficients = ? WHERE id = ?", (coefficients.tobytes(), memory_id * 2))
+        logits = logits.tolist()
     conn.close()
     with contextmanager(_serve)(copy) as srv:
         status, _, data = _request(srv, f"/api/memory?layer={layer}&key={key}")
