@@ -10,10 +10,11 @@ of the server (:data:`PROMPT_ROUTES`), each a JSON object in and out:
   without and with the edits.
 
 Requests run one at a time (a lock: the model's hooks and weights are shared). The prompt's length
-in tokens, the generation length, the number of edits and ``top`` are bounded by :class:`PromptLimits`;
-a request past a bound, or with a bad field, raises :class:`~ffkv_lens.errors.ConfigError` (HTTP 400)
-naming the value and the bound. The base trace of a prompt is kept (the model does not change), so
-"edit + re-run" costs one traced forward pass.
+in tokens, the generation length, the number of edits and ``top`` are bounded by :class:`PromptLimits`,
+and a prompt (with what it generates) by the model's context length, counted before the
+tokenizer's truncation; a request past a bound, or with a bad field, raises
+:class:`~ffkv_lens.errors.ConfigError` (HTTP 400) naming the value and the bound. The base trace
+of a prompt is kept (the model does not change), so "edit + re-run" costs one traced forward pass.
 
 Example:
     >>> prompt = PromptModel.load("smollm2-135m", device="cpu")  # doctest: +SKIP
@@ -93,6 +94,9 @@ class PromptModel:
         self.limits = limits or PromptLimits()
         self.lock = threading.Lock()
         self._base: OrderedDict[tuple[tuple[int, ...], int], Trace] = OrderedDict()
+        n_ctx = getattr(getattr(lens.adapter, "model", None), "cfg", None)
+        self.n_ctx: int | None = getattr(n_ctx, "n_ctx", None)
+        self.max_prompt_tokens = min(self.limits.max_prompt_tokens, self.n_ctx or self.limits.max_prompt_tokens)
 
     @classmethod
     def load(cls, name_or_path: str, *, device: str | None = None, **options: Any) -> "PromptModel":
@@ -110,21 +114,28 @@ class PromptModel:
             "n_layers": lens.n_layers,
             "d_mlp": lens.d_mlp,
             "run": self.run,
-            "limits": asdict(self.limits),
+            "n_ctx": self.n_ctx,
+            "limits": {**asdict(self.limits), "max_prompt_tokens": self.max_prompt_tokens},
         }
 
-    def _prompt(self, body: Mapping[str, Any]) -> Any:
+    def _prompt(self, body: Mapping[str, Any], n_new: int = 0) -> Any:
         text = body.get("text")
         if not isinstance(text, str) or not text.strip():
             raise ConfigError(f"text={text!r}; type a prompt (a non-empty string).")
-        tokens = self.lens.adapter.to_tokens(text)
-        limit = self.limits.max_prompt_tokens
-        if tokens.shape[1] > limit:
+        adapter = self.lens.adapter
+        # Counted without truncation (to_tokens cuts at the context length); BOS included where prepended.
+        n = len(adapter.tokenizer(text, add_special_tokens=False)["input_ids"]) + (adapter.bos_token_id is not None)
+        if n > self.max_prompt_tokens:
             raise ConfigError(
-                f"the prompt is {tokens.shape[1]} tokens long; this server takes at most {limit} "
+                f"the prompt is {n} tokens long; this server takes at most {self.max_prompt_tokens} "
                 "(max_prompt_tokens); shorten it."
             )
-        return tokens
+        if self.n_ctx is not None and n + n_new > self.n_ctx:
+            raise ConfigError(
+                f"the prompt ({n} tokens) and max_new_tokens={n_new} exceed the model's context of {self.n_ctx} "
+                "tokens; ask for fewer tokens or shorten the prompt."
+            )
+        return adapter.to_tokens(text)
 
     def _edits(self, body: Mapping[str, Any]) -> tuple[Edit, ...]:
         raw = body.get("edits", [])
@@ -162,7 +173,7 @@ class PromptModel:
         body = _fields(body, ("text", "edits", "max_new_tokens"))
         n_new = _bounded(body, "max_new_tokens", min(20, self.limits.max_new_tokens), self.limits.max_new_tokens)
         edits = self._edits(body)
-        self._prompt(body)
+        self._prompt(body, n_new)
         start = time.perf_counter()
         with self.lock:
             original = self.lens.generate(body["text"], max_new_tokens=n_new)
