@@ -207,6 +207,9 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+_RUN_MODEL = "<the run's model>"  # --model given without a value
+
+
 def _add_browse(sub: argparse._SubParsersAction) -> None:
     browse = sub.add_parser(
         "browse",
@@ -223,6 +226,30 @@ def _add_browse(sub: argparse._SubParsersAction) -> None:
     browse.add_argument("--host", default="127.0.0.1", help="loopback address to listen on (default 127.0.0.1)")
     browse.add_argument("--no-open", action="store_true", help="do not open the page in a web browser")
     browse.add_argument("--rebuild", action="store_true", help="rebuild the indexes even if they are current")
+    browse.add_argument(
+        "--model", nargs="?", const=_RUN_MODEL, default=None, metavar="NAME_OR_PATH",
+        help="load a model once and add the Prompt page (trace a prompt, edit memories, generate); without a "
+        "value: the first run's own model (its manifest's config.model)",
+    )  # fmt: skip
+    browse.add_argument("--device", default=None, help="device of --model: cpu, cuda... (default: cuda if available)")
+
+
+def _browse_model(args: argparse.Namespace, catalog: Any) -> Any:
+    """The Prompt page's model (``--model``), or None."""
+    from ffkv_lens.browser.prompt import PromptModel
+    from ffkv_lens.errors import ConfigError
+    from ffkv_lens.storage import read_json
+
+    if args.model is None:
+        return None
+    run = catalog.runs[catalog.default]
+    name = args.model
+    if name == _RUN_MODEL:
+        name = read_json(RunPaths(run.folder).manifest).get("config", {}).get("model")
+        if not isinstance(name, str):
+            raise ConfigError(f"{run.folder}: its manifest names no config.model; pass --model NAME_OR_PATH.")
+    print(f"loading model {name} for the Prompt page ...", flush=True)
+    return PromptModel.load(name, device=args.device, run=run.label)
 
 
 def _cmd_browse(args: argparse.Namespace) -> int:
@@ -231,6 +258,7 @@ def _cmd_browse(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     catalog = open_catalog(args.paths, rebuild=args.rebuild, progress=True)
     server = BrowserServer(catalog, host=args.host, port=args.port)
+    server.prompt = _browse_model(args, catalog)  # after the port is taken: a busy port fails before the load
     for run in catalog.runs.values():
         print(f"run {run.label}: {run.index}")
     for comparison in catalog.comparisons:

@@ -5,6 +5,7 @@
 - :mod:`ffkv_lens.browser.matches`: a comparison folder and its matches index ``CMP_DIR/browser.sqlite``.
 - :mod:`ffkv_lens.browser.catalog`: the runs and comparisons one browser serves, each run labelled.
 - :mod:`ffkv_lens.browser.server`: the stdlib web server on a loopback address.
+- :mod:`ffkv_lens.browser.prompt`: the Prompt page's model (trace and generate under memory edits).
 
 Example:
     >>> from ffkv_lens.browser import BrowserServer, open_catalog, open_index  # doctest: +SKIP
@@ -12,7 +13,7 @@ Example:
     >>> server = BrowserServer(open_catalog(["runs/cmp"], progress=True), port=0)  # doctest: +SKIP
     >>> print(server.url); server.serve_forever()  # doctest: +SKIP
 
-Command line: ``ffkv-lens browse PATH [PATH ...] [--port P]`` (docs/browser.md).
+Command line: ``ffkv-lens browse PATH [PATH ...] [--port P] [--model [NAME_OR_PATH]]`` (docs/browser.md).
 """
 
 from ffkv_lens.browser.catalog import Catalog, open_catalog

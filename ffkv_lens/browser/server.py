@@ -21,6 +21,13 @@ for :data:`REQUEST_TIMEOUT` seconds is closed, so a half-sent request cannot hol
 - ``/api/search/token?q=TOKEN[&sign=1|-1][&limit=N][&run=R]``: memories whose value promotes the token.
 - ``/api/search/text?q=TEXT[&limit=N][&run=R]``: memories whose trigger examples contain the text.
 
+With a model (``prompt``, a :class:`~ffkv_lens.browser.prompt.PromptModel`), the Prompt page's two POST
+routes ``/api/prompt/trace`` and ``/api/prompt/generate`` take a JSON object (``Content-Type:
+application/json``, at most :data:`MAX_BODY` bytes: else 415 or 413) and answer as
+:mod:`ffkv_lens.browser.prompt` says; a request past a bound is a 400. Without a model they answer 404
+saying so; ``/api/runs`` names the model (``prompt``) or gives ``null``. A POST whose ``Origin`` is
+not this server is refused (403), as is a cross-site form.
+
 Example:
     >>> server = BrowserServer("runs/smollm2/browser.sqlite", port=0)  # doctest: +SKIP
     >>> server = BrowserServer(open_catalog(["runs/cmp"]), port=0)  # doctest: +SKIP
@@ -43,13 +50,15 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from ffkv_lens.browser.catalog import Catalog
+from ffkv_lens.browser.prompt import PROMPT_ROUTES, PromptModel
 from ffkv_lens.browser.queries import DEFAULT_LIMIT, BrowserIndex
 from ffkv_lens.errors import ConfigError
 
-__all__ = ["REQUEST_TIMEOUT", "BrowserServer"]
+__all__ = ["MAX_BODY", "REQUEST_TIMEOUT", "BrowserServer"]
 
 log = logging.getLogger(__name__)
 REQUEST_TIMEOUT = 30.0  # seconds a connection may stay silent (mid-request too) before it is closed
+MAX_BODY = 64 * 1024  # bytes of a POST body (a prompt of max_prompt_tokens and its edits fit many times)
 _INTEGER = re.compile(r"-?[0-9]+")
 _PAGE_CSP = (
     "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
@@ -66,6 +75,8 @@ class BrowserServer(ThreadingHTTPServer):
         host: A loopback address or ``localhost``.
         port: TCP port (0: any free one).
         request_timeout: Seconds a connection may stay silent before it is closed (socket timeout).
+        prompt: The model of the Prompt page (:class:`~ffkv_lens.browser.prompt.PromptModel`), or
+            ``None``: the page and its API then say the server was started without a model.
 
     Raises:
         ConfigError: The host is not a loopback address, the port is in use or out of range, or the
@@ -80,12 +91,14 @@ class BrowserServer(ThreadingHTTPServer):
         host: str = "127.0.0.1",
         port: int = 0,
         request_timeout: float = REQUEST_TIMEOUT,
+        prompt: PromptModel | None = None,
     ) -> None:
         if not 0 <= port <= 65535:
             raise ConfigError(f"port={port!r} is not a TCP port; pass 0 (any free port) to 65535.")
         if not (isinstance(request_timeout, int | float) and math.isfinite(request_timeout) and request_timeout > 0):
             raise ConfigError(f"request_timeout={request_timeout!r}; pass a positive number of seconds.")
         self.request_timeout = float(request_timeout)
+        self.prompt = prompt
         # Opening every index here fails early on a damaged one.
         self.catalog = source if isinstance(source, Catalog) else Catalog.from_index(source)
         self.page = resources.files("ffkv_lens.browser").joinpath("page.html").read_bytes()
@@ -171,7 +184,7 @@ _RUN_ROUTES: dict[str, tuple[tuple[str, ...], Callable[[BrowserIndex, dict[str, 
 }
 # Routes over the whole catalog: path -> (allowed parameters, handler).
 _CATALOG_ROUTES: dict[str, tuple[tuple[str, ...], Callable[[Catalog, dict[str, str]], Any]]] = {
-    "/api/runs": ((), lambda catalog, p: catalog.describe()),
+    "/api/runs": ((), lambda catalog, p: catalog.describe()),  # + "prompt" (_Handler._api)
     "/api/matches": (("run", "layer", "key"), _matches),
 }
 
@@ -202,6 +215,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, self.server.page, "text/html; charset=utf-8", {"Content-Security-Policy": _PAGE_CSP})
         elif url.path in _RUN_ROUTES or url.path in _CATALOG_ROUTES:
             self._api(url.path, url.query)
+        elif url.path in PROMPT_ROUTES:
+            self._json(405, {"error": f"{url.path} takes a POST with a JSON body (see docs/browser.md)."})
         else:
             self._json(404, {"error": f"no such page {url.path!r}; the API is under /api/ (see docs/browser.md)."})
 
@@ -211,6 +226,8 @@ class _Handler(BaseHTTPRequestHandler):
             if path in _CATALOG_ROUTES:
                 allowed, on_catalog = _CATALOG_ROUTES[path]
                 body = on_catalog(catalog, _params(query, allowed))
+                if path == "/api/runs":
+                    body["prompt"] = None if self.server.prompt is None else self.server.prompt.info()
             else:
                 allowed, on_index = _RUN_ROUTES[path]
                 params = _params(query, (*allowed, "run"))
@@ -223,6 +240,50 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(500, {"error": f"the index could not answer ({err}); rebuild it with `ffkv-lens browse`."})
         else:
             self._json(200, body)
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        path, prompt = urlsplit(self.path).path, self.server.prompt
+        refused = self._refuse_post(path)
+        if refused is not None:
+            self._json(*refused)
+            return
+        try:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])).decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:
+            self._json(400, {"error": f"the request body is not JSON ({err})."})
+            return
+        try:
+            answer = PROMPT_ROUTES[path](prompt, body)
+        except ConfigError as err:
+            self._json(400, {"error": str(err)})
+        except Exception as err:  # a model failure must not kill the server; the page shows it
+            log.exception("POST %s failed", path)
+            self._json(500, {"error": f"the model failed ({type(err).__name__}: {err})."})
+        else:
+            self._json(200, answer)
+
+    def _refuse_post(self, path: str) -> tuple[int, dict[str, str]] | None:
+        """``(status, body)`` when a POST is refused before its body is read, else ``None``."""
+        host, origin = self.headers.get("Host"), self.headers.get("Origin")
+        length = self.headers.get("Content-Length", "")
+        if host is not None and host not in self.server.allowed_hosts():
+            return 403, {"error": f"Host {host!r} is not this server; open {self.server.url}."}
+        if origin is not None and origin.removeprefix("http://") not in self.server.allowed_hosts():
+            return 403, {"error": f"Origin {origin!r} is not this server; POST from {self.server.url}."}
+        if path not in PROMPT_ROUTES:
+            return 404, {"error": f"no POST route {path!r}; the Prompt API is {sorted(PROMPT_ROUTES)}."}
+        if self.server.prompt is None:
+            return 404, {
+                "error": "this browser was started without a model, so the Prompt page is off; restart it with "
+                "`ffkv-lens browse RUN_DIR --model` (the run's model) or `--model NAME_OR_PATH`."
+            }
+        if self.headers.get_content_type() != "application/json":
+            return 415, {"error": f"Content-Type {self.headers.get_content_type()!r}; send application/json."}
+        if not (length.isascii() and length.isdigit()):
+            return 411, {"error": f"Content-Length {length!r}; send the body's length in bytes."}
+        if int(length) > MAX_BODY:
+            return 413, {"error": f"the request body is {int(length)} bytes; the limit is {MAX_BODY} bytes (MAX_BODY)."}
+        return None
 
     def _json(self, status: int, body: Any) -> None:
         try:

@@ -90,3 +90,18 @@ def server(tiny_index) -> Iterator[BrowserServer]:
 def compare_server(comparison) -> Iterator[BrowserServer]:
     """The browser server of ``comparison`` (both runs and their matches) on a free port."""
     yield from _serve(open_catalog([comparison]))
+
+
+@pytest.fixture(scope="session")
+def tiny_prompt(tiny_run):
+    """The Prompt page's model: ``tiny_run``'s own model (its manifest's config.model), loaded once."""
+    from ffkv_lens.browser.prompt import PromptModel
+
+    model = json.loads((tiny_run / "manifest.json").read_text())["config"]["model"]
+    return PromptModel.load(model, device="cpu", run="run")
+
+
+@pytest.fixture()
+def prompt_server(tiny_index, tiny_prompt) -> Iterator[BrowserServer]:
+    """The browser server of ``tiny_run`` with the Prompt page (its model loaded)."""
+    yield from _serve(tiny_index, prompt=tiny_prompt)

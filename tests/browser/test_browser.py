@@ -261,3 +261,94 @@ def test_report_opens_offline_with_every_figure_and_the_gallery(browser, tiny_ru
     assert found["problems"] == []  # no errors and no request beyond the file itself
     assert len(found["figures"]) == 6 and all(found["figures"])  # every figure decoded and drawn
     assert found["cards"] > 0 and found["peaks"] >= found["cards"]
+
+
+@pytest.fixture()
+def prompt_page(browser, prompt_server) -> Iterator[tuple[object, list[str]]]:
+    """A fresh page (and its problems) for the server with the Prompt page (tiny_run's model loaded)."""
+    yield from _watched_tab(browser)
+
+
+def _settled(tab) -> None:
+    expect(tab.locator("body")).to_have_attribute("data-pending", "0")
+
+
+def test_prompt_page_switches_a_memory_off_and_generates(prompt_page, prompt_server, tiny_prompt) -> None:
+    tab, problems = prompt_page
+    text = "Paris is the capital of"
+    tab.goto(prompt_server.url)
+    _settled(tab)
+    tab.click("#prompt-link")
+    expect(tab.locator("#prompt-page")).to_be_visible()
+    expect(tab.locator("#memory")).to_be_hidden()
+    tab.fill("#prompt-text", text)
+    tab.click("#prompt-run")
+    rows = tab.locator("#next-tokens tr.next-row")
+    expect(rows).to_have_count(tiny_prompt.limits.default_top)
+    _settled(tab)
+    expect(tab.locator("#next-tokens .prob-edited").first).to_have_text("–")  # no edits yet
+    before = rows.evaluate_all("rows => rows.map(r => r.dataset.tokenId + ' ' + r.textContent)")
+    # Switch off the last layer's top memory (the largest contribution to the prediction there).
+    chip = tab.locator("#prompt-layers tr.prompt-layer").last.locator(".mem").first
+    layer, key = int(chip.get_attribute("data-layer")), int(chip.get_attribute("data-key"))
+    chip.locator("button.mem-off").click()
+    expect(tab.locator("#edits li.edit")).to_have_count(1)
+    expect(tab.locator("#next-tokens .prob-edited").first).not_to_have_text("–")
+    _settled(tab)
+    assert tab.evaluate("location.hash") == "#" + f"prompt={text}&edits=zero:{layer}:{key}".replace(" ", "+").replace(
+        ":", "%3A"
+    )
+    after = rows.evaluate_all("rows => rows.map(r => r.dataset.tokenId + ' ' + r.textContent)")
+    assert after != before
+    expected = tiny_prompt.trace({"text": text, "edits": [{"layer": layer, "keys": [key], "op": "zero"}]})["diff"]
+    shown = tab.locator("#next-tokens td.change").all_text_contents()
+    assert len(shown) == len(expected["next_tokens"])
+    for got, want in zip(shown, expected["next_tokens"], strict=True):
+        assert float(got) == pytest.approx(100 * want["change"], rel=0.06, abs=1e-12)  # 2 significant digits
+    assert tab.locator("#next-tokens td.change.up, #next-tokens td.change.down").count() > 0
+    # The switched-off memory is listed with a link to its page; generation runs with and without it.
+    expect(tab.locator("#edits li.edit a.memory-link")).to_have_attribute("data-key", str(key))
+    tab.fill("#gen-tokens", "4")
+    tab.click("#prompt-generate")
+    expect(tab.locator("#generation")).to_be_visible()
+    _settled(tab)
+    want = tiny_prompt.generate({"text": text, "edits": [{"layer": layer, "keys": [key]}], "max_new_tokens": 4})
+    expect(tab.locator("#gen-original")).to_have_text(want["original"])
+    expect(tab.locator("#gen-edited")).to_have_text(want["edited"])
+    # Removing the edit brings back the unedited table.
+    tab.click("#edits button.edit-remove")
+    expect(tab.locator("#next-tokens .prob-edited").first).to_have_text("–")
+    _settled(tab)
+    assert problems == []
+
+
+def test_memory_page_try_it_opens_the_prompt_with_the_memory_ablated(prompt_page, prompt_server, tiny_atlas) -> None:
+    tab, problems = prompt_page
+    layer, key = tiny_atlas.layers[1], 3
+    tab.goto(f"{prompt_server.url}#layer={layer}&key={key}")
+    _title(tab, layer, key)
+    top = tiny_atlas.examples(layer, key)[0]
+    expect(tab.locator("#try-it")).to_be_visible()
+    tab.click("#try-it")
+    expect(tab.locator("#prompt-page")).to_be_visible()
+    expect(tab.locator("#prompt-text")).to_have_value(top.prefix)
+    expect(tab.locator("#edits li.edit")).to_have_count(1)
+    expect(tab.locator("#edits li.edit")).to_contain_text(f"L{layer} K{key} off")
+    expect(tab.locator("#next-tokens .prob-edited").first).not_to_have_text("–")
+    _settled(tab)
+    tab.locator("#prompt-layers a.memory-link").first.click()  # a memory of the trace opens its page
+    expect(tab.locator("#memory")).to_be_visible()
+    expect(tab.locator("#prompt-page")).to_be_hidden()
+    _settled(tab)
+    assert problems == []
+
+
+def test_without_a_model_there_is_no_prompt_page(page, server) -> None:
+    tab, problems = page
+    tab.goto(f"{server.url}#layer=0&key=1")
+    _title(tab, 0, 1)
+    expect(tab.locator("#prompt-link")).to_be_hidden()
+    expect(tab.locator("#try-it")).to_be_hidden()
+    tab.goto(f"{server.url}#prompt=hello")
+    expect(tab.locator("#error")).to_contain_text("started without a model")
+    assert problems == []
