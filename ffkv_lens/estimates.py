@@ -31,9 +31,9 @@ __all__ = ["Rates", "describe_estimates", "measure_rates", "step_seconds"]
 log = logging.getLogger(__name__)
 
 VALUE_PASSES = 2.2
-READOUT_PASSES = 4.0
+READOUT_PASSES = 1.5
 MUTATION_RUNS = 4.4
-MUTATION_SPREAD = 0.22
+MUTATION_SPREAD = 0.12
 _SAMPLE_CHARS = 50_000
 _COUNT_SECONDS = 3.0
 

@@ -73,9 +73,8 @@ class RunConfig:
         max_tokens: Token budget of the trigger search (None: whole corpus).
         signed: Also keep bottom-k triggers (and run the signed agreement variant).
         top_k: Tokens kept per value in the projection.
-        keys_per_layer: Keys per layer in the mutation test (the paper: 100 x 50 examples, about
-            4.5 minutes for every layer of SmolLM2-135M with a 30k-token atlas on 2 CPU cores;
-            see docs/mutation.md).
+        keys_per_layer: Keys per layer in the mutation test (the paper: 100 x 50 examples; times in
+            docs/performance.md).
         examples: Trigger examples per key in the mutation test.
         positions: Sampled positions for composition and residual dynamics.
         seed: Seed of every sampled quantity.

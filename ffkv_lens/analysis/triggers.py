@@ -288,9 +288,8 @@ def _one_cpu_thread(device: torch.device) -> Iterator[None]:
     """Run the top-k update on one CPU thread, then restore torch's thread count.
 
     The update is many small ops; split over threads, each op waits for the slowest thread, and on a
-    machine where another process holds a core that wait is a scheduler time slice per op. Measured
-    on the 2-core CPU with another job running (SmolLM2, sentences, 4,000 tokens): search 217 s with
-    two threads in the update, 67 s with one; the forward alone took 76 s (docs/performance.md).
+    machine where another process holds a core that wait is a scheduler time slice per op
+    (measured in docs/performance.md).
     """
     if device.type != "cpu":
         yield

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 FORMAT = "ffkv_lens.value_projection/1"
 DEFAULT_BUDGET_MB = 256
 # Floats held by one chunk of value logits in value_extremes: 512 MiB, 512 Gemma 3 values per product
-# ([rows, 640] @ [640, 262144] on the 2-core CPU, one session: 128 rows 83-102 GFLOP/s, 512 rows 120-125).
+# (products of 512 rows run near the CPU's matmul peak; fewer rows run slower).
 VALUE_BUDGET = 2**27
 _FIELDS = ("top_ids", "top_logits", "bottom_ids", "bottom_logits", "max_prob")
 DEFINITIONS = {

@@ -41,8 +41,7 @@ __all__ = ["DERIVE_LIMIT", "NORM_FORM_RTOL", "READOUT_ROWS", "VOCAB_TILE", "stat
 log = logging.getLogger(__name__)
 # Rows of each state per block of the tiled pass (the product reads 2 x READOUT_ROWS rows per tile) and
 # vocabulary columns per tile, so that a tile of logits stays near the cache for the passes after the
-# product. Measured on the 2-core CPU (r, y, o readouts of 4,096 rows): SmolLM2 110 GFLOP/s of products
-# at 1024 x 2048 (96 at 1024 x 4096, 86 at 512 x 4096); Gemma 3 114 (110, 84; 118 at 2048 x 2048).
+# product; the sizes are the fastest of those measured by benchmarks/state_readouts.py (docs/dynamics.md).
 READOUT_ROWS = 1024
 VOCAB_TILE = 2048
 # Relative tolerance of the per-row checks that o may be derived from r and y.

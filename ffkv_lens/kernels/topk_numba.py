@@ -4,9 +4,8 @@ Same signatures and exactly the same results as the torch reference (:mod:`ffkv_
 which remains the definition; the parity tests compare both (and an oracle) bit for bit.
 
 Why a compiled CPU kernel: on the CPU the reference spends its time in many small torch ops per layer
-(maxima, a multi-pass trick for the first peak position, a sort-based merge; ``torch.sort`` of a
-``[1536, 114]`` block takes about 7 ms on one core), while the bare forward leaves about 1.5 ms per
-layer for the whole update if the search is to keep 97% of the forward's speed. Here one loop reads
+(maxima, a multi-pass trick for the first peak position, a sort-based merge), while the search is to
+keep the forward's speed (docs/performance.md). Here one loop reads
 each coefficient once, keeping each unit's running maximum (and minimum) and its first position, and
 each candidate that beats its row's k-th entry is inserted into the sorted row in place (a row holds
 ``k`` entries; most candidates are rejected by one comparison once the row is full). Numba is a

@@ -38,8 +38,8 @@ def batch_bounds(lengths: list[int], batch_tokens: int) -> list[tuple[int, int]]
     return bounds
 
 
-# Fixed cost of one forward pass in padded tokens per layer run (hook and module-call overhead;
-# measured ~5 ms per layer per forward on SmolLM2-135M on 2 CPU cores, ~70 tokens' worth).
+# Fixed cost of one forward pass in padded tokens per layer run (hook and module-call overhead,
+# about this many tokens' worth on SmolLM2-135M on the CPU; docs/mutation.md).
 FORWARD_OVERHEAD_TOKENS = 64
 
 
