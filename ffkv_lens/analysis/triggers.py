@@ -85,6 +85,7 @@ class TriggerSearch:
             else None
         )
         self.progress = _Progress()
+        self.per_rank: list[dict[str, int]] | None = None  # set by merge_world under torchrun
         # How often each token is the next token of some candidate position (a unit's tokens
         # after its first): the corpus unigram of next tokens, for the agreement baseline.
         self.next_token_counts = torch.zeros(adapter.d_vocab, dtype=torch.int64)
@@ -208,6 +209,9 @@ class TriggerSearch:
                 tables[layer] = merged
         all_sum_(self.next_token_counts, here)
         counts = torch.tensor([self.progress.units, self.progress.tokens, self.progress.batches], dtype=torch.int64)
+        # What each rank searched, recorded in the manifest: units, tokens and batches per rank.
+        names = ("units", "tokens", "batches")
+        self.per_rank = [dict(zip(names, c.tolist(), strict=True)) for c in all_gather_varlen(counts, here)]
         self.progress.units, self.progress.tokens, self.progress.batches = all_sum_(counts, here).tolist()
         self.prune_units()  # keep only units the merged tables reference, then share their tokens
         mine = UnitStore.from_units(self._units)
@@ -250,6 +254,7 @@ class TriggerSearch:
                 "units": self.progress.units,
                 "tokens": self.progress.tokens,
                 "batches": self.progress.batches,
+                **({"per_rank": self.per_rank} if self.per_rank else {}),
             },
             "versions": library_versions(),
             "distributed": self._world,
