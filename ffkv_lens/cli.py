@@ -3,8 +3,9 @@
 Subcommands: ``models`` (the embedded models and their state), ``layout`` (load a model and
 print its memory layout), ``run`` (the whole study into a run folder), ``report`` (rebuild a run
 folder's ``report.html``), ``show`` (one memory in the terminal), ``browse`` (the memory
-browser on a local web server) and ``compare`` (several runs side by side, memories matched
-across models). ``main(argv)`` is callable from tests.
+browser on a local web server; with ``--model`` also the Prompt page), ``compare`` (several runs
+side by side, memories matched across models) and ``trace`` (a prompt traced through the memories,
+with and without edits). ``main(argv)`` is callable from tests.
 
 Example:
     $ ffkv-lens layout --model smollm2-135m
