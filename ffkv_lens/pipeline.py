@@ -146,8 +146,10 @@ class _Run:
     def open(cls, claim: FolderClaim, config: RunConfig, corpus: Any, lens: Any) -> "_Run":
         """Rank 0, once the corpus and model are known to be good: create, replace or resume the folder."""
         folder = claim.folder
+        # Hashing every weight takes about a second: once, for both the resume check and the manifest.
+        model = {**lens.adapter.describe(), "weights_fingerprint": lens.adapter.weights_fingerprint()}
         if claim.state == "resume":
-            _check_inputs(claim.manifest, corpus, lens, folder)
+            _check_inputs(claim.manifest, corpus, model, folder)
             run = cls(folder, config, claim.manifest)
         else:
             if claim.state == "force":
@@ -156,7 +158,7 @@ class _Run:
                     log.info("--force kept %d files that ffkv-lens did not write in %s", len(kept), folder)
             folder.mkdir(parents=True, exist_ok=True)
             run = cls(folder, config, _fresh_manifest(config))
-        run.manifest["model"] = {**lens.adapter.describe(), "weights_fingerprint": lens.adapter.weights_fingerprint()}
+        run.manifest["model"] = model
         run.manifest["layout"] = {"n_layers": lens.n_layers, "d_mlp": lens.d_mlp, "d_vocab": lens.d_vocab}
         run.manifest["corpus"] = corpus.describe()
         run.save()
@@ -208,25 +210,24 @@ def _check_same(old: dict[str, Any], new: dict[str, Any], folder: Path) -> None:
         )
 
 
-def _check_inputs(manifest: dict[str, Any], corpus: Any, lens: Any, folder: Path) -> None:
+def _check_inputs(manifest: dict[str, Any], corpus: Any, model: dict[str, Any], folder: Path) -> None:
     """A resumed run must read the same text with the same weights as the run it continues."""
-    old_corpus = (manifest.get("corpus") or {}).get("fingerprint")
-    if old_corpus is not None and old_corpus != corpus.fingerprint():
+    old_corpus, now = (manifest.get("corpus") or {}).get("fingerprint"), corpus.fingerprint()
+    if old_corpus is not None and old_corpus != now:
         raise RunFolderError(
             f"{folder} was started on a corpus with fingerprint {old_corpus}, but the corpus now has "
-            f"{corpus.fingerprint()} (its files changed). Restore the text, choose another --out, or pass --force."
+            f"{now} (its files changed). Restore the text, choose another --out, or pass --force."
         )
     old = manifest.get("model") or {}
-    described = lens.adapter.describe()
-    if old.get("hf_architecture") not in (None, described.get("hf_architecture")):
+    if old.get("hf_architecture") not in (None, model.get("hf_architecture")):
         raise RunFolderError(
-            f"{folder} was made with {old.get('model_name')!r}; this model is {described['model_name']!r}. "
+            f"{folder} was made with {old.get('model_name')!r}; this model is {model['model_name']!r}. "
             "Choose another --out, or pass --force to start over."
         )
     old_weights = old.get("weights_fingerprint")
-    if old_weights is not None and old_weights != lens.adapter.weights_fingerprint():
+    if old_weights is not None and old_weights != model["weights_fingerprint"]:
         raise RunFolderError(
-            f"{folder} was started with weights of fingerprint {old_weights}, but {described['model_name']!r} now "
+            f"{folder} was started with weights of fingerprint {old_weights}, but {model['model_name']!r} now "
             "has other weights (the model or its package changed). Choose another --out, or pass --force."
         )
 
