@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "pipeline": 7,
     "comparison": 7,
     "browser": 7,
+    "export": 7,
     "report": 6,
     "lens": 5,
     "analysis": 4,

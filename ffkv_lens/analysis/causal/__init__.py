@@ -1,0 +1,31 @@
+"""Causal tests of memories: does a memory cause what its value reads as, and which memories carry a fact.
+
+By concern:
+
+- :mod:`.ablation`: batched ablations, each row of a forward pass zeroing its own memory at its own position;
+- :mod:`.agreement`: :func:`causal_agreement`, the causal counterpart of the paper's value/trigger agreement
+  (total and direct effects, matched controls, bootstrap CIs);
+- :mod:`.facts`: the fact file format (JSONL) and its reader;
+- :mod:`.locate`: :func:`locate_fact` (attribution, integrated gradients, verification by ablation);
+- :mod:`.edit`: :func:`edit_fact` (suppress or enhance located memories; efficacy, specificity, collateral audit).
+
+Every function takes the model first (:data:`~ffkv_lens.adapters.AdapterLike`); see docs/causal.md.
+The names below load their modules on first use.
+"""
+
+import importlib
+from typing import Any
+
+__all__: list[str] = []
+
+_LAZY: dict[str, str] = {}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ffkv_lens.analysis.causal' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
