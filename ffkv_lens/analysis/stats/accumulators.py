@@ -14,6 +14,7 @@ from torch import Tensor
 from ffkv_lens.analysis.stats.settings import StatsSettings
 from ffkv_lens.analysis.stats.tables import LayerStats, finish_layer
 from ffkv_lens.distributed import World
+from ffkv_lens.errors import ConfigError
 from ffkv_lens.kernels import update_memory_stats
 from ffkv_lens.kernels.memory_stats import EMPTY, MemoryStatsState, layer_salt, merge_reservoirs
 
@@ -44,8 +45,13 @@ class MemoryStats:
 
     def update(self, layer: int, m: Tensor, valid: Tensor, unit_ids: Tensor) -> None:
         """Add one batch's candidate positions (``valid``) of ``m`` ``[batch, pos, d_mlp]``."""
+        if self.ranges is None:
+            raise ConfigError(
+                "The statistics have no histogram ranges yet; call MemoryStats.calibrate(...) before the first batch "
+                "(search_triggers does), or pass stats=StatsSettings(stats=False) to TriggerSearch."
+            )
         rows, positions = valid.nonzero(as_tuple=True)
-        lo, hi = self.ranges[layer]  # type: ignore[index]
+        lo, hi = self.ranges[layer]
         update_memory_stats(
             self.states[layer], m[rows, positions], unit_ids[rows], positions,
             lo=lo, hi=hi, threshold=float(self.settings.density_threshold), salt=self.salts[layer],
