@@ -77,8 +77,9 @@ def logit_histograms(source: ExportSource, layer: int) -> tuple[np.ndarray, np.n
     return np.concatenate(counts), np.concatenate(centres)
 
 
-def _round(values: Any, digits: int = 6) -> list[float]:
-    return [round(float(v), digits) for v in values]
+def _round(values: Any) -> list[float]:
+    """Floats at float32 precision (7 significant digits): what the values hold, in fewer characters."""
+    return [float(f"{float(v):.7g}") for v in values]
 
 
 def feature_rows(source: ExportSource, layer: int, model_id: str) -> list[dict[str, Any]]:
@@ -114,9 +115,9 @@ def activation_rows(source: ExportSource, examples: LayerExamples, model_id: str
     top_max = frame[frame["kind"] == "top"].groupby("key")["coefficient"].max().to_dict()
     rows = []
     for i, row in enumerate(frame.itertuples(index=False)):
-        values = examples.coefficients[i]
-        if not len(values):  # a peak on the BOS of an empty unit: nothing to show
+        if not len(examples.coefficients[i]):  # a peak on the BOS of an empty unit: nothing to show
             continue
+        values = np.asarray(_round(examples.coefficients[i]))
         top = row.kind == "top"
         binned = (-1.0, float(top_max[row.key]), -1.0) if top else (row.group_lo, row.group_hi, row.group_share)
         name = "top" if top else f"quantile{row.group}"
@@ -124,7 +125,7 @@ def activation_rows(source: ExportSource, examples: LayerExamples, model_id: str
             {
                 "id": f"{model_id}@{source_id(examples.layer)}@{row.key}@{name}-{row.rank}",
                 "modelId": model_id, "layer": source_id(examples.layer), "index": str(row.key),
-                "tokens": source.decode(examples.tokens[i]), "values": _round(values),
+                "tokens": source.decode(examples.tokens[i]), "values": values.tolist(),
                 "maxValue": float(values.max()), "minValue": float(values.min()),
                 "maxValueTokenIndex": int(values.argmax()), "qualifyingTokenIndex": int(row.position),
                 "binMin": float(binned[0]), "binMax": float(binned[1]), "binContains": float(binned[2]),

@@ -19,3 +19,20 @@ def export_run_dir(tiny_folder, tmp_path_factory: pytest.TempPathFactory) -> Pat
         max_tokens=2000,
     )  # fmt: skip
     return run_study(config, root / "run", progress=False)
+
+
+@pytest.fixture(scope="session")
+def exports(export_run_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``exports(fmt)``: the run exported in that format once per session, at ``<root>/demo-<short name>``."""
+    from ffkv_lens.export import export_run
+
+    root = tmp_path_factory.mktemp("exports")
+    done: dict = {}
+    names = {"hf-dataset": "demo-hf", "neuronrecord": "demo-neuronrecord", "neuronpedia": "demo-neuronpedia"}
+
+    def get(fmt: str):
+        if fmt not in done:
+            done[fmt] = export_run(export_run_dir, root / names[fmt], format=fmt, progress=False)
+        return done[fmt]
+
+    return get

@@ -5,8 +5,6 @@ from pathlib import Path
 
 import pytest
 
-from ffkv_lens.export import export_run
-
 DOC = Path(__file__).resolve().parents[2] / "docs" / "exports.md"
 _BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
@@ -18,17 +16,12 @@ def test_the_page_has_a_loading_example_per_format() -> None:
         assert f'"exports/{name}/' in block
 
 
-def test_loading_examples_run(export_run_dir, tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_loading_examples_run(exports, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("neuron_explainer.activations.activations")
-    for name, fmt in (
-        ("demo-hf", "hf-dataset"),
-        ("demo-neuronrecord", "neuronrecord"),
-        ("demo-neuronpedia", "neuronpedia"),
-    ):
-        export_run(export_run_dir, tmp_path / name, format=fmt, progress=False)
+    root = {exports(fmt).path.parent for fmt in ("hf-dataset", "neuronrecord", "neuronpedia")}.pop()
     namespace: dict = {}
     for i, block in enumerate(_BLOCK.findall(DOC.read_text(encoding="utf-8"))):
-        code = block.replace('"exports/', f'"{tmp_path}/')
+        code = block.replace('"exports/', f'"{root}/')
         exec(compile(code, f"{DOC.name}: block {i}", "exec"), namespace)
     assert namespace["neuron"].neuron_id.layer_index == 2 and namespace["feature"]["index"] == "7"
     assert namespace["first"]["layer"] in (0, 1, 2)

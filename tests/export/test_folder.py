@@ -52,10 +52,16 @@ def test_cli_export_and_its_errors(export_run_dir, tmp_path, capsys) -> None:
     assert main(["export", str(export_run_dir), "--format", "hf-dataset", "--out", str(out), "--layers", "2"]) == 0
     assert "exported hf-dataset" in capsys.readouterr().out and (out / "parquet" / "layer-2.parquet").is_file()
     no_atlas = copy_run(export_run_dir, tmp_path / "no-atlas", drop_steps=tuple(), drop=("atlas",))
+    no_stats = copy_run(export_run_dir, tmp_path / "no-stats", drop=("atlas/stats.safetensors",))
+    atlas_manifest = json.loads((no_stats / "atlas" / "manifest.json").read_text())
+    atlas_manifest["stats"] = {"stats": False}  # what a search with stats=False records
+    (no_stats / "atlas" / "manifest.json").write_text(json.dumps(atlas_manifest))
     missing = _with_model(export_run_dir, tmp_path / "no-model", str(tmp_path / "no-such-model"))
     cases = [
         (no_atlas, "hf-dataset", "has no trigger atlas yet"),
         (missing, "hf-dataset", "no-such-model"),
+        (no_stats, "neuronpedia", "has no per-memory statistics .*re-run `ffkv-lens run` without --no-stats"),
+        (no_stats, "neuronrecord", "has no per-memory statistics"),
         (export_run_dir, "hf-dataset --layers 9", "--layers \\[9\\]: not in this run"),
     ]
     for run, fmt, message in cases:
@@ -63,4 +69,5 @@ def test_cli_export_and_its_errors(export_run_dir, tmp_path, capsys) -> None:
         err = capsys.readouterr().err
         assert code == 2 and err.count("\n") == 1 and re.search(message, err), err
     assert not (tmp_path / "x").exists()
+    assert main(["export", str(no_stats), "--format", "hf-dataset", "--out", str(tmp_path / "y"), "--layers", "0"]) == 0
     shutil.rmtree(out)

@@ -8,13 +8,12 @@ import torch
 
 from ffkv_lens import MemoryLens, load_model
 from ffkv_lens.analysis.atlas import TriggerAtlas
-from ffkv_lens.export import export_run
 from ffkv_lens.export.hf_dataset import COLUMNS
 
 
 @pytest.fixture(scope="module")
-def hf_export(export_run_dir, tmp_path_factory):
-    return export_run(export_run_dir, tmp_path_factory.mktemp("hf") / "out", format="hf-dataset", progress=False)
+def hf_export(exports):
+    return exports("hf-dataset")
 
 
 def test_dataset_round_trips_and_holds_every_trigger_example(export_run_dir, hf_export) -> None:

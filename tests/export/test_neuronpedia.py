@@ -9,7 +9,6 @@ import torch
 
 from ffkv_lens import MemoryLens, load_model
 from ffkv_lens.analysis.atlas import TriggerAtlas
-from ffkv_lens.export import export_run
 from ffkv_lens.export.neuronpedia import _write_batches, model_id_of
 
 # Columns export-data.py exports (hijohnnylin/neuronpedia, utils/neuronpedia-utils/neuronpedia_utils/export-data.py).
@@ -60,8 +59,8 @@ def read_rows(folder) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def exported(export_run_dir, tmp_path_factory):
-    return export_run(export_run_dir, tmp_path_factory.mktemp("np") / "out", format="neuronpedia", progress=False)
+def exported(exports):
+    return exports("neuronpedia")
 
 
 def test_layout_features_and_activations_fit_the_schema(export_run_dir, exported) -> None:

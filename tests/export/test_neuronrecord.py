@@ -6,7 +6,6 @@ import math
 import pytest
 
 from ffkv_lens.analysis.atlas import TriggerAtlas
-from ffkv_lens.export import export_run
 
 # neuron_explainer/activations/activations.py (PyPI neuron-explainer 0.0.1): field -> allowed JSON types.
 RECORD = {"dataclass_name": str, "tokens": list, "activations": list}
@@ -37,8 +36,8 @@ def check_neuron_record(record: dict, layer: int, key: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def records(export_run_dir, tmp_path_factory):
-    return export_run(export_run_dir, tmp_path_factory.mktemp("nr") / "out", format="neuronrecord", progress=False)
+def records(exports):
+    return exports("neuronrecord")
 
 
 def test_every_memory_has_a_record_that_fits_the_schema(export_run_dir, records) -> None:
