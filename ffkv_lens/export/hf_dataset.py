@@ -61,7 +61,7 @@ def layer_table(source: ExportSource, examples: LayerExamples) -> Any:
         value = values[int(row.key)]
         items = (
             examples.layer, int(row.key), int(row.sign), int(row.rank), int(row.unit_id), int(row.doc_id), tokens,
-            source.decode(tokens), coefficients, position, float(row.coefficient),
+            source.unit(int(row.unit_id))[1], coefficients, position, float(row.coefficient),
             None if nxt is None else source.decode([nxt])[0], nxt, value["top_tokens"], value["top_logits"],
         )  # fmt: skip
         for name, item in zip(COLUMNS, items, strict=True):

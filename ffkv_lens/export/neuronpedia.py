@@ -125,7 +125,7 @@ def activation_rows(source: ExportSource, examples: LayerExamples, model_id: str
             {
                 "id": f"{model_id}@{source_id(examples.layer)}@{row.key}@{name}-{row.rank}",
                 "modelId": model_id, "layer": source_id(examples.layer), "index": str(row.key),
-                "tokens": source.decode(examples.tokens[i]), "values": values.tolist(),
+                "tokens": source.unit(int(row.unit_id))[1], "values": values.tolist(),
                 "maxValue": float(values.max()), "minValue": float(values.min()),
                 "maxValueTokenIndex": int(values.argmax()), "qualifyingTokenIndex": int(row.position),
                 "binMin": float(binned[0]), "binMax": float(binned[1]), "binContains": float(binned[2]),

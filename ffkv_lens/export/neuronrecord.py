@@ -44,7 +44,7 @@ def neuron_record(
         if frame.at[i, "kind"] != "quantile":
             continue
         group = int(frame.at[i, "group"])
-        by_group[group].append(_record(source.decode(examples.tokens[i]), examples.coefficients[i]))
+        by_group[group].append(_record(source.unit(int(frame.at[i, "unit_id"]))[1], examples.coefficients[i]))
         bounds[group], bounds[group + 1] = float(frame.at[i, "group_lo"]), float(frame.at[i, "group_hi"])
     std = float(stats["std"])
     return {
@@ -58,7 +58,7 @@ def neuron_record(
         "skewness": None,
         "kurtosis": None,
         "most_positive_activation_records": [
-            _record(source.decode(examples.tokens[i]), examples.coefficients[i]) for i in top
+            _record(source.unit(int(frame.at[i, "unit_id"]))[1], examples.coefficients[i]) for i in top
         ],
     }
 

@@ -84,6 +84,7 @@ class ExportSource:
         self.model_name: str = str(config.get("model"))
         self.dtype: str = str(config.get("dtype", "float32"))
         self._decoded: dict[int, str] = {}
+        self._units: dict[int, tuple[list[int], list[str]]] = {}
 
     def _layers(self, layers: Sequence[int] | None) -> list[int]:
         searched = self.atlas.layers
@@ -114,11 +115,18 @@ class ExportSource:
 
     def decode(self, ids: Sequence[int]) -> list[str]:
         """Each token decoded alone (a multi-byte character split over tokens shows as U+FFFD pieces)."""
-        missing = sorted({int(t) for t in ids} - self._decoded.keys())
+        missing = sorted({int(t) for t in ids if int(t) not in self._decoded})
         if missing:
             texts = self.atlas.tokenizer.batch_decode([[t] for t in missing])
             self._decoded.update(zip(missing, texts, strict=True))
         return [self._decoded[int(t)] for t in ids]
+
+    def unit(self, unit_id: int) -> tuple[list[int], list[str]]:
+        """A stored unit's token ids and their strings (:meth:`decode`), read once per unit."""
+        if unit_id not in self._units:
+            ids = self.atlas.units.get(unit_id)[1]
+            self._units[unit_id] = (ids, self.decode(ids))
+        return self._units[unit_id]
 
     def value_tokens(self, layer: int, key: int) -> dict[str, list[Any]]:
         """The value's top and bottom tokens (decoded) and logits from the run's value projection."""
@@ -168,11 +176,11 @@ class ExportSource:
             if sum(len(f) for f in group.values()) < EXAMPLES_PER_PASS and i + 1 < len(self.layers):
                 continue
             units = len({int(u) for f in group.values() for u in f["unit_id"]})
-            span = f"{min(group)}-{max(group)}" if len(group) > 1 else str(layer)
-            with tqdm(total=units, desc=f"layers {span}: coefficients", unit="unit", disable=not progress) as bar:
+            span = f"layers {min(group)}-{max(group)}" if len(group) > 1 else f"layer {layer}"
+            with tqdm(total=units, desc=f"{span}: coefficients", unit="unit", disable=not progress) as bar:
                 got = recompute(self.lens.adapter, self.atlas, group, advance=bar.update)
             check_peaks(group, got, dtype=self.dtype, model=self.model_name)
             for name, frame in group.items():
-                tokens = [self.atlas.units.get(int(u))[1] for u in frame["unit_id"]]
+                tokens = [self.unit(int(u))[0] for u in frame["unit_id"]]
                 yield LayerExamples(name, frame, tokens, got[name].values)
             group = {}
