@@ -150,7 +150,7 @@ class ExportSource:
             triggers = triggers[triggers["kind"].isin(list(kinds))]
             parts.append(triggers.assign(group=-1, group_lo=np.nan, group_hi=np.nan, group_share=np.nan))
         if "quantile" in kinds:
-            parts.extend(self._quantile_rows(layer, key) for key in range(self.d_mlp))
+            parts.append(self._quantile_rows(layer))
         frame = pd.concat([p for p in parts if len(p)], ignore_index=True) if parts else pd.DataFrame()
         if frame.empty:
             return pd.DataFrame({c: pd.Series(dtype="float64") for c in _COLUMNS})
@@ -160,11 +160,36 @@ class ExportSource:
         )
         return frame[list(_COLUMNS)].reset_index(drop=True)
 
-    def _quantile_rows(self, layer: int, key: int) -> Any:
-        rows = self.atlas.quantile_examples(layer, key)
-        rows = rows.assign(key=key, kind="quantile", sign=1)
-        rows["rank"] = rows.groupby("group").cumcount()
-        return rows
+    def _quantile_rows(self, layer: int) -> Any:
+        """Every quantile sample of a layer at once, read from the atlas's statistics tables.
+
+        The rows and their order are those of ``atlas.quantile_examples(layer, key)`` for each key (tested),
+        without decoding any text.
+        """
+        import pandas as pd
+
+        table = self.atlas.memory_stats[layer]
+        d_mlp, groups, per_group = table.sample_units.shape
+        keys = np.repeat(np.arange(d_mlp), groups * per_group)
+        group = np.tile(np.repeat(np.arange(groups), per_group), d_mlp)
+        n = int(table.count[0])
+        share = table.group_count.double().numpy() / n if n else np.zeros((d_mlp, groups))
+        frame = pd.DataFrame(
+            {
+                "key": keys, "kind": "quantile", "sign": 1, "group": group,
+                "unit_id": table.sample_units.reshape(-1).numpy(),
+                "position": table.sample_positions.reshape(-1).numpy(),
+                "coefficient": table.sample_values.double().reshape(-1).numpy(),
+                "group_lo": table.group_lo.double().numpy()[keys, group],
+                "group_hi": table.group_hi.double().numpy()[keys, group],
+                "group_share": share[keys, group],
+            }
+        )  # fmt: skip
+        frame = frame[frame["unit_id"] >= 0].reset_index(drop=True)
+        frame["rank"] = frame.groupby(["key", "group"]).cumcount()
+        docs = {int(u): self.atlas.units.get(int(u))[0] for u in np.unique(frame["unit_id"].to_numpy())}
+        frame["doc_id"] = frame["unit_id"].map(docs)
+        return frame
 
     def examples(self, *, kinds: Sequence[str], progress: bool = False) -> Iterator[LayerExamples]:
         """The examples of every exported layer, a group of layers per model pass, coefficients checked."""
