@@ -4,8 +4,9 @@ Subcommands: ``models`` (the embedded models and their state), ``layout`` (load 
 print its memory layout), ``run`` (the whole study into a run folder), ``report`` (rebuild a run
 folder's ``report.html``), ``show`` (one memory in the terminal), ``browse`` (the memory
 browser on a local web server; with ``--model`` also the Prompt page), ``compare`` (several runs
-side by side, memories matched across models) and ``trace`` (a prompt traced through the memories,
-with and without edits). ``main(argv)`` is callable from tests.
+side by side, memories matched across models), ``trace`` (a prompt traced through the memories,
+with and without edits) and ``export`` (a run's memories for Neuronpedia, neuron-explainer or
+Hugging Face datasets). ``main(argv)`` is callable from tests.
 
 Example:
     $ ffkv-lens layout --model smollm2-135m
@@ -46,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_show(sub)
     _add_compare(sub)
     _add_trace(sub)
+    _add_export(sub)
     return parser
 
 
@@ -364,6 +366,41 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from ffkv_lens.export.folder import FORMATS
+
+    export = sub.add_parser(
+        "export",
+        help="export a run's memories for other tools: Neuronpedia, OpenAI NeuronRecord, Hugging Face datasets",
+        description="Write the run's memories in one format into --out (docs/exports.md). The per-token coefficients "
+        "of the exported examples are recomputed with the run's model (its manifest's config.model) and checked "
+        "against the atlas. A non-empty --out that is not an export is refused; a finished export is replaced only "
+        "with --force, and only the files an export writes are removed.",
+    )
+    export.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (--out of `ffkv-lens run`)")
+    export.add_argument("--format", required=True, choices=list(FORMATS), help="the format to write")
+    export.add_argument("--out", required=True, help="the export folder")
+    export.add_argument("--layers", type=int, nargs="+", default=None, help="layers to export (default: all)")
+    export.add_argument("--model-id", default=None, help="neuronpedia: the modelId (default: from the run's model)")
+    export.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    export.add_argument("--force", action="store_true", help="replace a finished export in --out")
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from ffkv_lens.export import export_run
+
+    start = time.perf_counter()
+    options = {"model_id": args.model_id} if args.format == "neuronpedia" and args.model_id else {}
+    result = export_run(
+        args.run_dir, args.out, format=args.format, layers=args.layers, device=args.device, force=args.force,
+        options=options,
+    )  # fmt: skip
+    done = result.manifest["result"]
+    print(f"exported {args.format} in {time.perf_counter() - start:.1f} s: {result.path}")
+    print("  " + ", ".join(f"{k} {v}" for k, v in done.items() if isinstance(v, (int, str))))
+    return 0
+
+
 def _cmd_models() -> int:
     from ffkv_lens.models import list_models, model_status
 
@@ -448,6 +485,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _cmd_compare(args)
     if args.command == "trace":
         return _cmd_trace(args)
+    if args.command == "export":
+        return _cmd_export(args)
     return _cmd_layout(args.model, args.device, args.dtype)
 
 

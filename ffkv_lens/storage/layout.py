@@ -1,7 +1,7 @@
 """The on-disk layouts the program writes: run folders and comparison folders.
 
 This module is the one place that names them: the ``format`` of each kind's ``manifest.json``
-(:data:`RUN`, :data:`COMPARISON`), the entries inside (:data:`MANIFEST`, :data:`TABLES`,
+(:data:`RUN`, :data:`COMPARISON`, :data:`EXPORT`), the entries inside (:data:`MANIFEST`, :data:`TABLES`,
 :data:`FIGURES`, :data:`ATLAS`, :data:`VALUES`, :data:`SEARCH`, :data:`REPORT`,
 :data:`BROWSER_INDEX`; :class:`RunPaths` and :class:`ComparisonPaths` join them to a folder)
 and the steps of a run in their one order (:data:`RUN_STEPS`). The writers (``ffkv_lens.pipeline``,
@@ -37,6 +37,7 @@ __all__ = [
     "ATLAS",
     "BROWSER_INDEX",
     "COMPARISON",
+    "EXPORT",
     "FIGURES",
     "MANIFEST",
     "REPORT",
@@ -119,6 +120,16 @@ COMPARISON = FolderKind(
     folders=(),
     output_folders=_OUTPUTS,
     command="ffkv-lens compare",
+)
+# An export folder (`ffkv-lens export --out`): each format writes its own top-level folders, all listed here.
+EXPORT_FOLDERS = ("v1", "neurons", "dataset", "parquet")
+EXPORT = FolderKind(
+    name="export",
+    format="ffkv_lens.export/1",
+    files=(MANIFEST,),
+    folders=EXPORT_FOLDERS,
+    output_folders={},
+    command="ffkv-lens export",
 )
 
 
