@@ -16,7 +16,9 @@ for :data:`REQUEST_TIMEOUT` seconds is closed, so a half-sent request cannot hol
 - ``/api/runs``: the runs (label, model, layers, d_mlp, k) and comparisons served; the default run.
 - ``/api/info[?run=R]``: model, layers, d_mlp, k, what the run folder holds.
 - ``/api/layers[?run=R]``: per-layer summary.
-- ``/api/memory?layer=L&key=K[&run=R]``: one memory (examples, value tokens, scores, neighbours).
+- ``/api/memory?layer=L&key=K[&run=R]``: one memory (examples, value tokens, scores, neighbours, statistics).
+- ``/api/memories?layer=L[&sort=density|mean|std|count|key][&order=desc|asc][&min_density=X][&max_density=Y]
+  [&limit=N][&run=R]``: a layer's memories sorted and filtered by their statistics.
 - ``/api/matches?layer=L&key=K[&run=R]``: the memory's matches in the other runs (comparisons).
 - ``/api/search/token?q=TOKEN[&sign=1|-1][&limit=N][&run=R]``: memories whose value promotes the token.
 - ``/api/search/text?q=TEXT[&limit=N][&run=R]``: memories whose trigger examples contain the text.
@@ -162,6 +164,26 @@ def _memory(index: BrowserIndex, p: dict[str, str]) -> Any:
     return index.memory(_int(p, "layer"), _int(p, "key"))
 
 
+def _float(params: dict[str, str], name: str) -> float | None:
+    if name not in params or params[name] == "":
+        return None
+    try:
+        value = float(params[name])
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={params[name]!r} is not a finite number; pass e.g. {name}=0.05.")
+    return value
+
+
+def _memories(index: BrowserIndex, p: dict[str, str]) -> Any:
+    return index.memories(
+        _int(p, "layer"), sort=p.get("sort", "density"), order=p.get("order", "desc"),
+        min_density=_float(p, "min_density"), max_density=_float(p, "max_density"),
+        limit=_int(p, "limit", DEFAULT_LIMIT),
+    )  # fmt: skip
+
+
 def _token(index: BrowserIndex, p: dict[str, str]) -> Any:
     return index.search_token(p.get("q", ""), sign=_int(p, "sign", 1), limit=_int(p, "limit", DEFAULT_LIMIT))
 
@@ -179,6 +201,7 @@ _RUN_ROUTES: dict[str, tuple[tuple[str, ...], Callable[[BrowserIndex, dict[str, 
     "/api/info": ((), lambda index, p: index.info()),
     "/api/layers": ((), lambda index, p: {"layers": index.layer_summary()}),
     "/api/memory": (("layer", "key"), _memory),
+    "/api/memories": (("layer", "sort", "order", "min_density", "max_density", "limit"), _memories),
     "/api/search/token": (("q", "sign", "limit"), _token),
     "/api/search/text": (("q", "limit"), _text),
 }

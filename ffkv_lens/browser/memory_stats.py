@@ -1,0 +1,200 @@
+"""Per-memory statistics in the browser index: tables, how they are filled, and the queries over them.
+
+When the run's atlas holds statistics (``atlas.has_stats``; docs/triggers.md, "Per-memory
+statistics"), :func:`fill_stats` stores per memory its count, mean, standard deviation, density,
+range and histogram (the bin counts packed; the edges once per layer), its quantile groups with
+their sampled positions (text decoded once per distinct (unit, position), as the trigger examples'
+contexts are), and the gate/up quadrant shares when the atlas has them. Old run folders hold none:
+the tables stay empty and the page says "not recorded".
+
+:func:`memory_stats` answers the ``stats`` part of ``/api/memory``; :func:`list_memories` answers
+``/api/memories`` (a layer's memories sorted and filtered by density, mean, std or count).
+"""
+
+import json
+import sqlite3
+from typing import Any
+
+import numpy as np
+
+from ffkv_lens.browser.text import context_keys, decode_contexts
+from ffkv_lens.errors import ConfigError
+
+__all__ = ["LIST_ORDERS", "LIST_SORTS", "STATS_SCHEMA", "fill_stats", "list_memories", "memory_stats"]
+
+STATS_SCHEMA = """
+CREATE TABLE memory_stats(
+    memory INTEGER PRIMARY KEY,             -- memories.id
+    count INTEGER NOT NULL, mean REAL, std REAL, density REAL, min REAL, max REAL,
+    histogram BLOB NOT NULL);               -- positions per bin (<i8); the edges are in layer_bins
+CREATE TABLE layer_bins(layer INTEGER PRIMARY KEY, edges BLOB NOT NULL);  -- <f8, bins + 1
+CREATE TABLE quantile_groups(
+    memory INTEGER NOT NULL, grp INTEGER NOT NULL, lo REAL NOT NULL, hi REAL NOT NULL, share REAL NOT NULL,
+    PRIMARY KEY(memory, grp)) WITHOUT ROWID;
+CREATE TABLE sample_contexts(
+    id INTEGER PRIMARY KEY, unit_id INTEGER NOT NULL, doc_id INTEGER NOT NULL, position INTEGER NOT NULL,
+    prefix TEXT NOT NULL, peak_start INTEGER NOT NULL);
+CREATE TABLE quantile_samples(              -- in the atlas's order: by group, then as sampled
+    memory INTEGER NOT NULL, grp INTEGER NOT NULL, ord INTEGER NOT NULL, context INTEGER NOT NULL,
+    coefficient REAL NOT NULL, PRIMARY KEY(memory, grp, ord)) WITHOUT ROWID;
+CREATE TABLE quadrants(
+    memory INTEGER NOT NULL, ord INTEGER NOT NULL, quadrant TEXT NOT NULL, gate_sign INTEGER, up_sign INTEGER,
+    count INTEGER NOT NULL, share REAL, PRIMARY KEY(memory, ord)) WITHOUT ROWID;
+CREATE INDEX memory_stats_density ON memory_stats(density);
+"""
+LIST_SORTS = ("density", "mean", "std", "count", "key")
+LIST_ORDERS = ("desc", "asc")
+LIST_LIMIT = 500
+LISTED_TOKENS = 3  # value top tokens shown per listed memory
+_STAT_COLUMNS = ("count", "mean", "std", "density", "min", "max")
+
+
+def fill_stats(conn: sqlite3.Connection, atlas: Any) -> dict[str, bool]:
+    """Insert the atlas's statistics (nothing when it has none); returns ``{"stats": ..., "quadrants": ...}``."""
+    if not getattr(atlas, "has_stats", False):
+        return {"stats": False, "quadrants": False}
+    d_mlp = atlas.d_mlp
+    samples = []
+    for layer in atlas.layers:
+        edges = atlas.histogram_edges(layer).double().numpy()
+        conn.execute("INSERT INTO layer_bins VALUES (?, ?)", (layer, edges.astype("<f8").tobytes()))
+        counts = atlas.histograms(layer).numpy().astype("<i8")
+        frame = atlas.stats(layer).sort_values("key")
+        rows = (
+            (layer * d_mlp + int(r.key), int(r.count), *(float(getattr(r, c)) for c in _STAT_COLUMNS[1:]),
+             counts[int(r.key)].tobytes())
+            for r in frame.itertuples(index=False)
+        )  # fmt: skip
+        conn.executemany("INSERT INTO memory_stats VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        for key in range(d_mlp):
+            memory = layer * d_mlp + key
+            quantiles = atlas.quantile_examples(layer, key)
+            groups = quantiles.drop_duplicates("group")
+            conn.executemany(
+                "INSERT INTO quantile_groups VALUES (?, ?, ?, ?, ?)",
+                ((memory, int(g.group), float(g.group_lo), float(g.group_hi), float(g.group_share))
+                 for g in groups.itertuples(index=False)),
+            )  # fmt: skip
+            order = quantiles.groupby("group").cumcount().to_numpy()
+            samples.append((memory, quantiles, order))
+            if atlas.has_quadrants:
+                _insert_quadrants(conn, memory, atlas.quadrants(layer, key))
+    _insert_samples(conn, atlas, samples)
+    return {"stats": True, "quadrants": bool(atlas.has_quadrants)}
+
+
+def _insert_quadrants(conn: sqlite3.Connection, memory: int, frame: Any) -> None:
+    conn.executemany(
+        "INSERT INTO quadrants VALUES (?, ?, ?, ?, ?, ?, ?)",
+        ((memory, i, str(q.quadrant), int(q.gate_sign), int(q.up_sign), int(q.count), float(q.share))
+         for i, q in enumerate(frame.itertuples(index=False))),
+    )  # fmt: skip
+
+
+def _insert_samples(conn: sqlite3.Connection, atlas: Any, samples: list[tuple[int, Any, np.ndarray]]) -> None:
+    """Quantile samples and their contexts, each distinct (unit, position) decoded once."""
+    frames = [q for _, q, _ in samples if len(q)]
+    if not frames:
+        return
+    units = np.concatenate([q["unit_id"].to_numpy(np.int64) for q in frames])
+    positions = np.concatenate([q["position"].to_numpy(np.int64) for q in frames])
+    keys = context_keys(atlas.units, units, positions)
+    unique, inverse = np.unique(keys, return_inverse=True)
+    c = decode_contexts(atlas.units, atlas.tokenizer, unique)
+    conn.executemany(
+        "INSERT INTO sample_contexts VALUES (?, ?, ?, ?, ?, ?)",
+        zip(range(len(c.prefixes)), c.unit_ids.tolist(), c.doc_ids.tolist(), c.positions.tolist(), c.prefixes,
+            c.peak_starts, strict=True),
+    )  # fmt: skip
+    rows, at = [], 0
+    for memory, q, order in samples:
+        n = len(q)
+        context = inverse[at : at + n].tolist()
+        rows.extend(
+            zip([memory] * n, q["group"].astype(int).tolist(), order.tolist(), context,
+                q["coefficient"].astype(float).tolist(), strict=True)
+        )  # fmt: skip
+        at += n
+    conn.executemany("INSERT INTO quantile_samples VALUES (?, ?, ?, ?, ?)", rows)
+
+
+def memory_stats(conn: sqlite3.Connection, memory: int, layer: int) -> dict[str, Any]:
+    """The ``stats`` of ``/api/memory``: ``{"recorded": False}`` when the run has none (docs/browser.md)."""
+    row = conn.execute("SELECT * FROM memory_stats WHERE memory = ?", (memory,)).fetchone()
+    if row is None:
+        return {"recorded": False}
+    settings = conn.execute("SELECT value FROM meta WHERE name = 'stats_settings'").fetchone()
+    threshold = (json.loads(settings[0]) or {}).get("density_threshold") if settings else None
+    edges = conn.execute("SELECT edges FROM layer_bins WHERE layer = ?", (layer,)).fetchone()[0]
+    out: dict[str, Any] = {"recorded": True, "density_threshold": threshold, **{c: row[c] for c in _STAT_COLUMNS}}
+    out["histogram"] = {
+        "edges": np.frombuffer(edges, dtype="<f8").tolist(),
+        "counts": np.frombuffer(row["histogram"], dtype="<i8").tolist(),
+    }
+    groups = conn.execute("SELECT grp, lo, hi, share FROM quantile_groups WHERE memory = ? ORDER BY grp", (memory,))
+    quantiles = {g["grp"]: {"group": g["grp"], "lo": g["lo"], "hi": g["hi"], "share": g["share"], "samples": []}
+                 for g in groups}  # fmt: skip
+    samples = conn.execute(
+        """SELECT s.grp, s.coefficient, c.unit_id, c.doc_id, c.position, c.prefix, c.peak_start
+        FROM quantile_samples s JOIN sample_contexts c ON c.id = s.context WHERE s.memory = ? ORDER BY s.grp, s.ord""",
+        (memory,),
+    )
+    for s in samples:
+        quantiles[s["grp"]]["samples"].append({
+            "coefficient": s["coefficient"], "unit_id": s["unit_id"], "doc_id": s["doc_id"], "position": s["position"],
+            "before": s["prefix"][: s["peak_start"]], "token": s["prefix"][s["peak_start"] :],
+        })  # fmt: skip
+    out["quantiles"] = list(quantiles.values())
+    quads = conn.execute(
+        "SELECT quadrant, gate_sign, up_sign, count, share FROM quadrants WHERE memory = ? ORDER BY ord", (memory,)
+    ).fetchall()
+    out["quadrants"] = [dict(q) for q in quads] or None
+    return out
+
+
+def list_memories(
+    conn: sqlite3.Connection,
+    layer: int,
+    *,
+    sort: str = "density",
+    order: str = "desc",
+    min_density: float | None = None,
+    max_density: float | None = None,
+    limit: int = 50,
+) -> dict[str, Any]:
+    """One layer's memories sorted by ``sort`` and kept where ``min_density <= density <= max_density``.
+
+    Raises:
+        ConfigError: An unknown sort or order, a limit out of range, or density bounds that are not in [0, 1].
+    """
+    if sort not in LIST_SORTS:
+        raise ConfigError(f"sort={sort!r}; pass one of {', '.join(LIST_SORTS)}.")
+    if order not in LIST_ORDERS:
+        raise ConfigError(f"order={order!r}; pass desc or asc.")
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= LIST_LIMIT:
+        raise ConfigError(f"limit={limit!r}; pass an integer from 1 to {LIST_LIMIT}.")
+    for name, bound in (("min_density", min_density), ("max_density", max_density)):
+        if bound is not None and not 0 <= bound <= 1:
+            raise ConfigError(f"{name}={bound!r}; a density is a share: pass a number from 0 to 1.")
+    recorded = conn.execute("SELECT 1 FROM memory_stats LIMIT 1").fetchone() is not None
+    where = "m.layer = ? AND s.density >= ? AND s.density <= ?"
+    args = (layer, 0.0 if min_density is None else min_density, 1.0 if max_density is None else max_density)
+    ranking = f"m.key {order.upper()}" if sort == "key" else f"s.{sort} {order.upper()}, m.key"
+    rows = conn.execute(
+        f"""SELECT m.layer, m.key, s.count, s.mean, s.std, s.density, m.top_tokens FROM memories m
+        JOIN memory_stats s ON s.memory = m.id WHERE {where} ORDER BY {ranking} LIMIT ?""",
+        (*args, limit),
+    ).fetchall()
+    total = conn.execute(
+        f"SELECT COUNT(*) FROM memories m JOIN memory_stats s ON s.memory = m.id WHERE {where}", args
+    ).fetchone()[0]
+    return {
+        "layer": layer, "sort": sort, "order": order, "min_density": min_density, "max_density": max_density,
+        "recorded": recorded, "total": total, "results": [_listed(r) for r in rows],
+    }  # fmt: skip
+
+
+def _listed(row: sqlite3.Row) -> dict[str, Any]:
+    out = dict(row)
+    out["top_tokens"] = json.loads(out["top_tokens"])[:LISTED_TOKENS] if out["top_tokens"] else []
+    return out
