@@ -40,6 +40,8 @@ CREATE TABLE quantile_samples(              -- in the atlas's order: by group, t
 CREATE TABLE quadrants(
     memory INTEGER NOT NULL, ord INTEGER NOT NULL, quadrant TEXT NOT NULL, gate_sign INTEGER, up_sign INTEGER,
     count INTEGER NOT NULL, share REAL, PRIMARY KEY(memory, ord)) WITHOUT ROWID;
+CREATE TABLE sample_units(                  -- tokens of the units the samples are in (browse --model recomputes)
+    unit_id INTEGER PRIMARY KEY, doc_id INTEGER NOT NULL, tokens BLOB NOT NULL);  -- <i4, without BOS
 CREATE INDEX memory_stats_density ON memory_stats(density);
 """
 LIST_SORTS = ("density", "mean", "std", "count", "key")
@@ -116,6 +118,11 @@ def _insert_samples(conn: sqlite3.Connection, atlas: Any, samples: list[tuple[in
         )  # fmt: skip
         at += n
     conn.executemany("INSERT INTO quantile_samples VALUES (?, ?, ?, ?, ?)", rows)
+    used = np.unique(c.unit_ids)
+    conn.executemany(
+        "INSERT INTO sample_units VALUES (?, ?, ?)",
+        ((u, d, np.asarray(t, dtype="<i4").tobytes()) for u in used.tolist() for d, t in [atlas.units.get(u)]),
+    )
 
 
 def memory_stats(conn: sqlite3.Connection, memory: int, layer: int) -> dict[str, Any]:
