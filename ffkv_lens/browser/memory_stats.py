@@ -55,34 +55,50 @@ def fill_stats(conn: sqlite3.Connection, atlas: Any) -> dict[str, bool]:
     """Insert the atlas's statistics (nothing when it has none); returns ``{"stats": ..., "quadrants": ...}``."""
     if not getattr(atlas, "has_stats", False):
         return {"stats": False, "quadrants": False}
-    d_mlp = atlas.d_mlp
-    samples = []
+    d_mlp, parts = atlas.d_mlp, []
     for layer in atlas.layers:
         edges = atlas.histogram_edges(layer).double().numpy()
         conn.execute("INSERT INTO layer_bins VALUES (?, ?)", (layer, edges.astype("<f8").tobytes()))
         counts = atlas.histograms(layer).numpy().astype("<i8")
-        frame = atlas.stats(layer).sort_values("key")
-        rows = (
-            (layer * d_mlp + int(r.key), int(r.count), *(float(getattr(r, c)) for c in _STAT_COLUMNS[1:]),
-             counts[int(r.key)].tobytes())
-            for r in frame.itertuples(index=False)
+        frame = atlas.stats(layer)
+        rows = zip(
+            (layer * d_mlp + frame["key"].to_numpy()).tolist(), frame["count"].astype(int).tolist(),
+            *(frame[c].astype(float).tolist() for c in _STAT_COLUMNS[1:]),
+            (counts[k].tobytes() for k in frame["key"].tolist()), strict=True,
         )  # fmt: skip
         conn.executemany("INSERT INTO memory_stats VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-        for key in range(d_mlp):
-            memory = layer * d_mlp + key
-            quantiles = atlas.quantile_examples(layer, key)
-            groups = quantiles.drop_duplicates("group")
-            conn.executemany(
-                "INSERT INTO quantile_groups VALUES (?, ?, ?, ?, ?)",
-                ((memory, int(g.group), float(g.group_lo), float(g.group_hi), float(g.group_share))
-                 for g in groups.itertuples(index=False)),
-            )  # fmt: skip
-            order = quantiles.groupby("group").cumcount().to_numpy()
-            samples.append((memory, quantiles, order))
-            if atlas.has_quadrants:
-                _insert_quadrants(conn, memory, atlas.quadrants(layer, key))
-    _insert_samples(conn, atlas, samples)
+        groups, samples = _layer_samples(atlas, layer)
+        conn.executemany("INSERT INTO quantile_groups VALUES (?, ?, ?, ?, ?)", groups)
+        parts.append(samples)
+        for key in range(d_mlp) if atlas.has_quadrants else ():
+            _insert_quadrants(conn, layer * d_mlp + key, atlas.quadrants(layer, key))
+    _insert_samples(conn, atlas, {name: np.concatenate([p[name] for p in parts]) for name in parts[0]})
     return {"stats": True, "quadrants": bool(atlas.has_quadrants)}
+
+
+def _layer_samples(atlas: Any, layer: int) -> tuple[list[tuple], dict[str, np.ndarray]]:
+    """A layer's quantile groups ``(memory, group, lo, hi, share)`` and samples, as ``quantile_examples`` gives them.
+
+    Read in bulk from the layer's stored tables (``atlas.memory_stats[layer]``: one ``quantile_examples``
+    call per memory would decode every sample's text twice); the index test checks every memory
+    against ``atlas.quantile_examples``.
+    """
+    table = atlas.memory_stats[layer]
+    n = int(table.count[0])
+    memory = layer * atlas.d_mlp + np.arange(table.group_count.shape[0])
+    count = table.group_count.numpy()
+    keys, group = np.nonzero(count > 0)
+    lo, hi = table.group_lo.numpy()[keys, group], table.group_hi.numpy()[keys, group]
+    share = count[keys, group] / n if n else np.zeros(keys.size)
+    groups = list(zip(memory[keys].tolist(), group.tolist(), lo.tolist(), hi.tolist(), share.tolist(), strict=True))
+    units = table.sample_units.numpy()
+    keys, group, order = np.nonzero(units >= 0)  # C order: by key, group, then as sampled
+    samples = {
+        "memory": memory[keys], "group": group, "order": order, "unit": units[keys, group, order],
+        "position": table.sample_positions.numpy()[keys, group, order],
+        "coefficient": table.sample_values.double().numpy()[keys, group, order],
+    }  # fmt: skip
+    return groups, samples
 
 
 def _insert_quadrants(conn: sqlite3.Connection, memory: int, frame: Any) -> None:
@@ -93,31 +109,22 @@ def _insert_quadrants(conn: sqlite3.Connection, memory: int, frame: Any) -> None
     )  # fmt: skip
 
 
-def _insert_samples(conn: sqlite3.Connection, atlas: Any, samples: list[tuple[int, Any, np.ndarray]]) -> None:
-    """Quantile samples and their contexts, each distinct (unit, position) decoded once."""
-    frames = [q for _, q, _ in samples if len(q)]
-    if not frames:
+def _insert_samples(conn: sqlite3.Connection, atlas: Any, s: dict[str, np.ndarray]) -> None:
+    """Quantile samples and their contexts, each distinct (unit, position) decoded once; their units' tokens."""
+    if not s["unit"].size:
         return
-    units = np.concatenate([q["unit_id"].to_numpy(np.int64) for q in frames])
-    positions = np.concatenate([q["position"].to_numpy(np.int64) for q in frames])
-    keys = context_keys(atlas.units, units, positions)
-    unique, inverse = np.unique(keys, return_inverse=True)
+    unique, inverse = np.unique(context_keys(atlas.units, s["unit"], s["position"]), return_inverse=True)
     c = decode_contexts(atlas.units, atlas.tokenizer, unique)
     conn.executemany(
         "INSERT INTO sample_contexts VALUES (?, ?, ?, ?, ?, ?)",
         zip(range(len(c.prefixes)), c.unit_ids.tolist(), c.doc_ids.tolist(), c.positions.tolist(), c.prefixes,
             c.peak_starts, strict=True),
     )  # fmt: skip
-    rows, at = [], 0
-    for memory, q, order in samples:
-        n = len(q)
-        context = inverse[at : at + n].tolist()
-        rows.extend(
-            zip([memory] * n, q["group"].astype(int).tolist(), order.tolist(), context,
-                q["coefficient"].astype(float).tolist(), strict=True)
-        )  # fmt: skip
-        at += n
-    conn.executemany("INSERT INTO quantile_samples VALUES (?, ?, ?, ?, ?)", rows)
+    conn.executemany(
+        "INSERT INTO quantile_samples VALUES (?, ?, ?, ?, ?)",
+        zip(s["memory"].tolist(), s["group"].tolist(), s["order"].tolist(), inverse.tolist(),
+            s["coefficient"].tolist(), strict=True),
+    )  # fmt: skip
     used = np.unique(c.unit_ids)
     conn.executemany(
         "INSERT INTO sample_units VALUES (?, ?, ?)",
