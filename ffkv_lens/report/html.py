@@ -124,7 +124,8 @@ mark.peak { background: #ffd54a; color: #000; padding: 0 1px; border-radius: 2px
 .next, .tok { white-space: pre; background: #eef3fb; border: 1px solid #d5e0f2; border-radius: 3px;
   padding: 0 3px; font-size: 12px; }
 .tok.neg { background: #fbeeee; border-color: #f0d3d3; } .tok small { color: var(--mute); }
-figure.hist { margin: 4px 0 0; display: block; } figure.hist figcaption, .hist-note { font-size: 12px; }
+.hist { margin: 4px 0 0; } .hist svg { display: block; max-width: 100%; height: auto; }
+.hist-note { font-size: 12px; color: var(--mute); margin: 0; }
 .tokens { font-size: 12px; margin: 2px 0; line-height: 1.9; } .tokens .lbl { color: var(--mute); margin-right: 4px; }
 """
 

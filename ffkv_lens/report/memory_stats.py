@@ -255,5 +255,5 @@ def card_histograms(atlas: Any, layer: int, keys: Sequence[int]) -> dict[int, st
         row = frame.loc[k]
         svg = histogram_svg(edges, counts[k].tolist(), width=300, height=96, title=f"layer {layer}, key {k}")
         note = f"density {row['density']:.3g}{above} · mean {row['mean']:+.3g} · std {row['std']:.3g}"
-        out[k] = f'<figure class="hist">{svg}<figcaption>{html.escape(note)}</figcaption></figure>'
+        out[k] = f'<div class="hist">{svg}<p class="hist-note">{html.escape(note)}</p></div>'
     return out

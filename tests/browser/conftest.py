@@ -12,6 +12,7 @@ from ffkv_lens.browser import BrowserServer, open_catalog, open_index
 from ffkv_lens.comparison import compare
 from ffkv_lens.pipeline import RunConfig, run_study
 from tests.factories import TEXT
+from tests.report.runs import without_stats
 
 # Accented letters and an emoji are split across byte-level tokens, so some units take the
 # per-prefix decoding path of ffkv_lens.browser.text and others the offset path.
@@ -64,6 +65,12 @@ def tiny_index(tiny_run) -> Path:
 
 
 @pytest.fixture(scope="session")
+def old_index(tiny_run, tmp_path_factory) -> Path:
+    """The index of ``tiny_run`` copied as a run folder from before per-memory statistics."""
+    return open_index(without_stats(tiny_run, tmp_path_factory.mktemp("browser-old") / "run"))
+
+
+@pytest.fixture(scope="session")
 def tiny_atlas(tiny_run):
     from ffkv_lens.analysis.atlas import TriggerAtlas
 
@@ -84,6 +91,12 @@ def _serve(source, **options) -> Iterator[BrowserServer]:
 def server(tiny_index) -> Iterator[BrowserServer]:
     """The browser server of ``tiny_run`` on a free port, serving in a thread."""
     yield from _serve(tiny_index)
+
+
+@pytest.fixture()
+def old_server(old_index) -> Iterator[BrowserServer]:
+    """The browser server of ``old_index`` (a run without statistics)."""
+    yield from _serve(old_index)
 
 
 @pytest.fixture()
