@@ -18,6 +18,7 @@ from ffkv_lens.adapters import LayerHooks, MemoryAdapter, make_adapter
 from ffkv_lens.adapters.base import FwdHook
 from ffkv_lens.analysis.atlas import TriggerAtlas
 from ffkv_lens.analysis.search_config import BATCH_TOKENS, CHECKPOINT_EVERY, SEARCH_DEFAULTS
+from ffkv_lens.analysis.stats.settings import STATS_DEFAULTS
 from ffkv_lens.analysis.values import ValueProjection
 from ffkv_lens.corpus import Corpus, UnitKind
 from ffkv_lens.types import AttentionMask, Coefficients, Keys, Logits, MemoryLogits, Residual, Tokens, ValueBias, Values
@@ -119,6 +120,12 @@ class MemoryLens:
         checkpoint_dir: str | None = None,
         checkpoint_every: int = CHECKPOINT_EVERY,
         progress: bool = True,
+        stats: bool = STATS_DEFAULTS.stats,
+        density_threshold: float = STATS_DEFAULTS.density_threshold,
+        histogram_bins: int = STATS_DEFAULTS.histogram_bins,
+        quantile_groups: int = STATS_DEFAULTS.quantile_groups,
+        quantile_samples: int = STATS_DEFAULTS.quantile_samples,
+        quadrants: bool = STATS_DEFAULTS.quadrants,
     ) -> TriggerAtlas:
         """Top-k trigger examples of every key over a corpus (the paper's section 3).
 
@@ -140,6 +147,13 @@ class MemoryLens:
             checkpoint_dir: Save state there every ``checkpoint_every`` tokens and resume from it.
             checkpoint_every: Tokens between checkpoints.
             progress: Show a progress bar.
+            stats: Also gather per-memory statistics in the same pass (count, mean, std, density,
+                histogram, quantile samples; docs/triggers.md "Per-memory statistics").
+            density_threshold: ``|m| > density_threshold`` counts a position as active.
+            histogram_bins: Uniform histogram bins per layer.
+            quantile_groups: Activation intervals per memory with sampled examples.
+            quantile_samples: Examples sampled per interval.
+            quadrants: Count gate/up sign combinations of active positions (gated MLPs).
 
         Returns:
             A :class:`ffkv_lens.TriggerAtlas`.
@@ -165,6 +179,12 @@ class MemoryLens:
             checkpoint_dir=checkpoint_dir,
             checkpoint_every=checkpoint_every,
             progress=progress,
+            stats=stats,
+            density_threshold=density_threshold,
+            histogram_bins=histogram_bins,
+            quantile_groups=quantile_groups,
+            quantile_samples=quantile_samples,
+            quadrants=quadrants,
         )
 
     def project_values(self, *, top_k: int = 10, layers: int | Sequence[int] | None = None) -> ValueProjection:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ffkv_lens.analysis.search_config import BATCH_TOKENS, CHECKPOINT_EVERY, SEARCH_DEFAULTS
+from ffkv_lens.analysis.stats.settings import STATS_DEFAULTS
 from ffkv_lens.corpus import UNIT_KINDS, UnitKind
 from ffkv_lens.errors import ConfigError, FfkvLensError, RunFolderError
 from ffkv_lens.storage import atomic_write_json, read_json
@@ -55,6 +56,9 @@ POSITIVE_FIELDS = (
     "positions",
     "batch_tokens",
     "checkpoint_every",
+    "histogram_bins",
+    "quantile_groups",
+    "quantile_samples",
 )
 
 
@@ -84,6 +88,12 @@ class RunConfig:
             atlas is the same at any value). The dynamics and mutation steps keep their own batch
             size: their tables agree across batch sizes only to float rounding, so a run fixes it.
         checkpoint_every: Tokens between checkpoints of the trigger search (resume granularity only).
+        stats: Gather per-memory statistics (histogram, density, quantile samples) in the trigger search's pass.
+        density_threshold: A position is active for a memory when its coefficient's magnitude exceeds this.
+        histogram_bins: Histogram bins per layer (the same edges for every memory of a layer).
+        quantile_groups: Activation intervals per memory with sampled examples.
+        quantile_samples: Examples sampled per activation interval.
+        quadrants: Count the gate/up sign combinations of active positions (gated MLPs only).
     """
 
     model: str = "smollm2-135m"
@@ -103,6 +113,12 @@ class RunConfig:
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
     batch_tokens: int = BATCH_TOKENS
     checkpoint_every: int = CHECKPOINT_EVERY
+    stats: bool = STATS_DEFAULTS.stats
+    density_threshold: float = STATS_DEFAULTS.density_threshold
+    histogram_bins: int = STATS_DEFAULTS.histogram_bins
+    quantile_groups: int = STATS_DEFAULTS.quantile_groups
+    quantile_samples: int = STATS_DEFAULTS.quantile_samples
+    quadrants: bool = STATS_DEFAULTS.quadrants
 
     def __post_init__(self) -> None:
         from ffkv_lens.corpus.sources import check_encoding_errors
@@ -116,6 +132,10 @@ class RunConfig:
                 raise ConfigError(f"{name}={value!r}; pass a positive integer.")
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
             raise ConfigError(f"max_tokens={self.max_tokens!r}; pass a positive integer or None (whole corpus).")
+        from ffkv_lens.analysis.stats.settings import StatsSettings
+
+        StatsSettings(self.stats, self.density_threshold, self.histogram_bins, self.quantile_groups,
+                      self.quantile_samples, self.quadrants)  # validates the statistics' settings  # fmt: skip
 
     def results_identity(self) -> dict[str, Any]:
         """The settings that change results (device, batch size and checkpoint interval do not)."""
@@ -332,7 +352,8 @@ def _run_steps(run: _Run, lens: Any, corpus: Any, progress: bool, say: Callable[
         atlas = lens.search_triggers(
             corpus, k=c.k, unit=c.unit, max_len=c.max_len, signed=c.signed, max_tokens=c.max_tokens,
             batch_tokens=c.batch_tokens, checkpoint_dir=str(paths.search), checkpoint_every=c.checkpoint_every,
-            progress=progress,
+            progress=progress, stats=c.stats, density_threshold=c.density_threshold, histogram_bins=c.histogram_bins,
+            quantile_groups=c.quantile_groups, quantile_samples=c.quantile_samples, quadrants=c.quadrants,
         )  # fmt: skip
         if here.is_main:
             atlas.save(paths.atlas)

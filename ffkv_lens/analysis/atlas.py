@@ -23,6 +23,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ffkv_lens.adapters import AdapterLike, as_adapter
+from ffkv_lens.analysis.stats.frames import StatsViews
+from ffkv_lens.analysis.stats.tables import LayerStats
 from ffkv_lens.errors import AtlasMismatchError, ConfigError, DamagedFileError
 from ffkv_lens.storage import atomic_folder, read_json
 from ffkv_lens.storage.reading import load_tensors, short
@@ -117,8 +119,11 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
 
 
-class TriggerAtlas:
-    """Top-k trigger examples of every key of the searched layers.
+class TriggerAtlas(StatsViews):
+    """Top-k trigger examples of every key of the searched layers, and the per-memory statistics.
+
+    The statistics' methods (``stats``, ``histogram``, ``quantile_examples``...) come from
+    :class:`~ffkv_lens.analysis.stats.frames.StatsViews` (docs/triggers.md, "Per-memory statistics").
 
     Args:
         top: ``{layer: LayerTopK}`` of the highest coefficients.
@@ -128,6 +133,7 @@ class TriggerAtlas:
         tokenizer: Used to decode examples; may be None (then only ids are available).
         next_token_counts: ``[d_vocab]`` how often each token follows a searched position in
             the corpus (every unit token after the unit's first), for unigram baselines.
+        memory_stats: ``{layer: LayerStats}`` per-memory statistics, or None (searched with ``stats=False``).
     """
 
     def __init__(
@@ -138,9 +144,10 @@ class TriggerAtlas:
         manifest: dict[str, Any],
         tokenizer: Any = None,
         next_token_counts: Int[Tensor, " d_vocab"] | None = None,
+        memory_stats: dict[int, LayerStats] | None = None,
     ) -> None:
         self.top, self.bottom, self.units, self.manifest, self.tokenizer = top, bottom, units, manifest, tokenizer
-        self.next_token_counts = next_token_counts
+        self.next_token_counts, self.memory_stats = next_token_counts, memory_stats
 
     def __repr__(self) -> str:
         return (
@@ -277,9 +284,13 @@ class TriggerAtlas:
         """Write the atlas to a folder atomically (safetensors + JSON + tokenizer JSON files)."""
         from safetensors.torch import save_file
 
+        from ffkv_lens.analysis.stats.storage import save_stats
+
         with atomic_folder(path) as tmp:
             save_file(self.tensors(), str(tmp / "atlas.safetensors"))
             save_file({n: t.contiguous() for n, t in self.units.tensors().items()}, str(tmp / "units.safetensors"))
+            if self.memory_stats is not None:
+                save_stats(tmp, self.memory_stats)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
             manifest = dict(self.manifest, format=FORMAT, layers=self.layers)
@@ -296,6 +307,7 @@ class TriggerAtlas:
                 (types, ranges, tensor shapes and dtypes, examples pointing outside the stored units).
         """
         from ffkv_lens.analysis import checks
+        from ffkv_lens.analysis.stats.storage import load_stats
 
         path = Path(path)
         manifest = read_json(path / "manifest.json")
@@ -317,10 +329,11 @@ class TriggerAtlas:
         parts = checks.check_units(load_tensors(units_path, fix=checks.ATLAS_FIX), units_path, shape.d_vocab)
         for tables in (top, bottom or {}):
             checks.check_references(tables, parts, units_path)
+        stats = load_stats(path, manifest, shape.layers, shape.d_mlp, parts)
         units = UnitStore(**parts)
         if tokenizer is None and (path / "tokenizer").is_dir():
             tokenizer = _load_tokenizer(path / "tokenizer")
-        return cls(top, bottom, units, manifest, tokenizer, tensors.get("corpus.next_token_counts"))
+        return cls(top, bottom, units, manifest, tokenizer, tensors.get("corpus.next_token_counts"), stats)
 
     def check_matches(self, model: AdapterLike) -> None:
         """Raise :class:`AtlasMismatchError` if the atlas was not made with a model like ``model``."""

@@ -37,12 +37,16 @@ def write_checkpoint(folder: Path, search: Any) -> None:  # a TriggerSearch (whi
     units = UnitStore.from_units(search._units)
     tensors.update({f"units.{name}": t.contiguous() for name, t in units.tensors().items()})
     tensors["corpus.next_token_counts"] = search.next_token_counts.contiguous()
+    stats = search.memory_stats
+    if stats is not None:
+        tensors.update(stats.tensors())
     progress = search.progress
     record = {
         "identity": search.identity(),
         "progress": {"units": progress.units, "tokens": progress.tokens, "batches": progress.batches},
         "seconds": progress.seconds,
         "has_bos": search._has_bos,
+        "stats_ranges": None if stats is None else stats.describe()["ranges"],
     }
     with atomic_folder(folder / "checkpoint") as tmp:
         save_file(tensors, str(tmp / "state.safetensors"))
@@ -79,7 +83,21 @@ def read_checkpoint(folder: Path, search: Any) -> bool:  # a TriggerSearch (whic
     search.progress.units, search.progress.tokens, search.progress.batches = counts
     search.progress.seconds = float(record["seconds"])
     search._has_bos = record["has_bos"]
+    if search.memory_stats is not None:
+        search.memory_stats.ranges = _ranges(record, search.layers, path / "progress.json")
+        search.memory_stats.restore(tensors, lambda t, name, current: _like(t, name, current, file))
     return True
+
+
+def _ranges(record: dict[str, Any], layers: list[int], path: Path) -> dict[int, tuple[float, float]]:
+    """Each layer's histogram range as the checkpoint recorded it (calibrated before its first batch)."""
+    from ffkv_lens.analysis.checks import check_stats_manifest
+
+    return check_stats_manifest(
+        {"histogram_bins": 1, "quantile_groups": 1, "quantile_samples": 1, "density_threshold": 0.0,
+         "quadrants": False, "ranges": field(record, "stats_ranges", dict, path, fix=_FIX)},
+        layers, path,
+    )  # fmt: skip
 
 
 _FIX = "the checkpoint is damaged: delete its checkpoint/ folder to start the search afresh"

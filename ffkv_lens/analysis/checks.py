@@ -21,6 +21,8 @@ __all__ = [
     "AtlasShape",
     "check_manifest",
     "check_references",
+    "check_stats",
+    "check_stats_manifest",
     "check_tables",
     "check_units",
     "check_values_manifest",
@@ -158,3 +160,61 @@ def target_key(key: str, layers: list[int], path: Path) -> tuple[int, int]:
     if len(pieces) != 3 or pieces[1] not in ("1", "-1") or not pieces[2].isdigit() or int(pieces[2]) not in layers:
         raise DamagedFileError(f"{path} holds an unexpected tensor {short(key)}; {VALUES_FIX}.")
     return int(pieces[1]), int(pieces[2])
+
+
+_STATS_FIELDS = {  # field -> (shape suffix after d_mlp: "" | "bins" | "2" | "G" | "GR", kind)
+    "count": ("one", "int"), "sums": ("", "float"), "squares": ("", "float"), "active": ("", "int"),
+    "minimum": ("", "float"), "maximum": ("", "float"), "hist": ("bins", "int"), "outside": ("2", "int"),
+    "group_lo": ("G", "float"), "group_hi": ("G", "float"), "group_count": ("G", "int"),
+    "sample_units": ("GR", "int"), "sample_positions": ("GR", "int"), "sample_values": ("GR", "float"),
+}  # fmt: skip
+
+
+def check_stats_manifest(stats: Any, layers: list[int], path: Path) -> dict[int, tuple[float, float]]:
+    """The checked ``manifest["stats"]`` settings; returns each layer's histogram range ``(lo, hi)``."""
+    fix = ATLAS_FIX
+    for name in ("histogram_bins", "quantile_groups", "quantile_samples"):
+        field(stats, f"stats.{name}", int, path, low=1, fix=fix)
+    field(stats, "stats.density_threshold", float, path, low=0, fix=fix)
+    field(stats, "stats.quadrants", bool, path, fix=fix)
+    ranges = field(stats, "stats.ranges", dict, path, fix=fix)
+    out = {}
+    for layer in layers:
+        pair = ranges.get(str(layer))
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, (int, float)) for v in pair)):
+            raise DamagedFileError(f"{path}: stats.ranges lacks layer {layer} as [lo, hi]; {fix}.")
+        if not pair[0] < pair[1]:
+            raise DamagedFileError(f"{path}: stats.ranges of layer {layer} is {pair}, not lo < hi; {fix}.")
+        out[layer] = (float(pair[0]), float(pair[1]))
+    return out
+
+
+def check_stats(tensors: dict[str, Tensor], stats: dict[str, Any], layers: list[int], d_mlp: int, path: Path,
+                units: dict[str, Tensor]) -> dict[int, dict[str, Tensor]]:  # fmt: skip
+    """``{layer: {field: tensor}}`` of ``stats.safetensors``: shapes, dtypes, counts and sample references."""
+    bins, groups, samples = stats["histogram_bins"], stats["quantile_groups"], stats["quantile_samples"]
+    dims = {"one": (1,), "": (d_mlp,), "bins": (d_mlp, bins), "2": (d_mlp, 2), "G": (d_mlp, groups),
+            "GR": (d_mlp, groups, samples)}  # fmt: skip
+    out = {}
+    for layer in layers:
+        parts = {name: check_tensor(tensors, f"{layer}.{name}", path, shape=dims[suffix], kind=kind, fix=ATLAS_FIX)
+                 for name, (suffix, kind) in _STATS_FIELDS.items()}  # fmt: skip
+        count = int(parts["count"][0])
+        counted = parts["hist"].sum(1)
+        if count < 0 or bool((counted != count).any()) or bool((parts["group_count"].sum(1) != count).any()):
+            raise DamagedFileError(
+                f"{path}: layer {layer}'s histograms or groups do not add up to its {count} positions; {ATLAS_FIX}."
+            )
+        if bool((parts["active"] < 0).any() | (parts["active"] > count).any()):
+            raise DamagedFileError(f"{path}: layer {layer} has active counts outside 0 to {count}; {ATLAS_FIX}.")
+        table = _Samples(parts["sample_units"].reshape(d_mlp, -1), parts["sample_positions"].reshape(d_mlp, -1))
+        check_references({layer: table}, units, path)
+        out[layer] = parts
+    return out
+
+
+class _Samples:
+    """Sampled examples as a table for :func:`check_references`."""
+
+    def __init__(self, units: Tensor, positions: Tensor) -> None:
+        self.units, self.positions = units, positions

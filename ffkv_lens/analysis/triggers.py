@@ -24,6 +24,8 @@ from torch import Tensor
 from ffkv_lens.adapters import AdapterLike, MemoryAdapter, as_adapter
 from ffkv_lens.analysis.atlas import LayerTopK, TriggerAtlas, UnitStore, tokenizer_fingerprint
 from ffkv_lens.analysis.search_config import BATCH_TOKENS, CHECKPOINT_EVERY, SEARCH_DEFAULTS, SearchConfig
+from ffkv_lens.analysis.stats.accumulators import MemoryStats
+from ffkv_lens.analysis.stats.settings import STATS_DEFAULTS, StatsSettings
 from ffkv_lens.corpus import Corpus, UnitBatch, UnitKind
 from ffkv_lens.distributed import World
 from ffkv_lens.errors import ConfigError
@@ -62,6 +64,8 @@ class TriggerSearch:
         adapter: The model's :class:`~ffkv_lens.adapters.MemoryAdapter`.
         config: The search settings.
         corpus_info: The corpus description recorded in the manifest (with its fingerprint).
+        batching: How the stream is cut into batches (recorded in checkpoints).
+        stats: The per-memory statistics' settings (``stats.stats=False``: none gathered).
     """
 
     def __init__(
@@ -70,6 +74,7 @@ class TriggerSearch:
         config: SearchConfig,
         corpus_info: dict[str, Any],
         batching: dict[str, Any] | None = None,
+        stats: StatsSettings = STATS_DEFAULTS,
     ) -> None:
         self.adapter, self.config, self.corpus_info = adapter, config, corpus_info
         # How the stream is cut into batches: a checkpoint counts batches, so resuming needs the same cut.
@@ -85,6 +90,8 @@ class TriggerSearch:
             else None
         )
         self.progress = _Progress()
+        self.stats_settings = stats
+        self.memory_stats = MemoryStats(stats, self.layers, adapter.d_mlp, dev, self.dtype) if stats.stats else None
         self.per_rank: list[dict[str, int]] | None = None  # set by merge_world under torchrun
         # How often each token is the next token of some candidate position (a unit's tokens
         # after its first): the corpus unigram of next tokens, for the agreement baseline.
@@ -173,6 +180,8 @@ class TriggerSearch:
             top[layer] = update_topk(top[layer], m, valid, unit_ids)
         else:  # one pass for both signs
             top[layer], bottom[layer] = update_topk_signed(top[layer], bottom[layer], m, valid, unit_ids)
+        if self.memory_stats is not None:  # the same coefficients, in the same hook: no second pass
+            self.memory_stats.update(layer, m, valid, unit_ids)
 
     def prune_units(self) -> None:
         """Forget the tokens of units no longer referenced by any top-k table."""
@@ -184,6 +193,9 @@ class TriggerSearch:
             for state in tables.values():
                 ids = state.units.reshape(-1).cpu()
                 seen[ids[(ids >= 0) & (ids < seen.numel())]] = True
+        if self.memory_stats is not None:  # units of the quantile samples are kept too
+            ids = self.memory_stats.referenced_units()
+            seen[ids[ids < seen.numel()]] = True
         keep = seen.tolist()
         self._units = {u: v for u, v in self._units.items() if keep[u]}
 
@@ -208,6 +220,8 @@ class TriggerSearch:
                     merged = part if merged is None else merge_states(merged, part)
                 tables[layer] = merged
         all_sum_(self.next_token_counts, here)
+        if self.memory_stats is not None:
+            self.memory_stats.merge_world(here)
         counts = torch.tensor([self.progress.units, self.progress.tokens, self.progress.batches], dtype=torch.int64)
         # What each rank searched, recorded in the manifest: units, tokens and batches per rank.
         names = ("units", "tokens", "batches")
@@ -238,7 +252,8 @@ class TriggerSearch:
         bottom = None if self.bottom is None else {layer: table(s, -1) for layer, s in self.bottom.items()}
         units = UnitStore.from_units(self._units)
         counts = self.next_token_counts.clone()
-        return TriggerAtlas(top, bottom, units, self.manifest(model_name), self.adapter.tokenizer, counts)
+        stats = None if self.memory_stats is None else self.memory_stats.finish(shift)
+        return TriggerAtlas(top, bottom, units, self.manifest(model_name), self.adapter.tokenizer, counts, stats)
 
     def manifest(self, model_name: str | None = None) -> dict[str, Any]:
         """Everything needed to interpret and reproduce the atlas."""
@@ -250,6 +265,7 @@ class TriggerSearch:
             "tokenizer_fingerprint": tokenizer_fingerprint(adapter.tokenizer),
             "corpus": self.corpus_info,
             "settings": dict(self.config.to_dict(), layers=self.layers, has_bos=bool(self._has_bos)),
+            "stats": self.stats_settings.to_dict() if self.memory_stats is None else self.memory_stats.describe(),
             "progress": {
                 "units": self.progress.units,
                 "tokens": self.progress.tokens,
@@ -266,6 +282,7 @@ class TriggerSearch:
         adapter = self.adapter
         return {
             "settings": self.config.to_dict(),
+            "stats": self.stats_settings.to_dict(),
             "layers": self.layers,
             "corpus_fingerprint": self.corpus_info.get("fingerprint"),
             "model": adapter.model_name,
@@ -345,6 +362,12 @@ def search_triggers(
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = CHECKPOINT_EVERY,
     progress: bool = True,
+    stats: bool = STATS_DEFAULTS.stats,
+    density_threshold: float = STATS_DEFAULTS.density_threshold,
+    histogram_bins: int = STATS_DEFAULTS.histogram_bins,
+    quantile_groups: int = STATS_DEFAULTS.quantile_groups,
+    quantile_samples: int = STATS_DEFAULTS.quantile_samples,
+    quadrants: bool = STATS_DEFAULTS.quadrants,
 ) -> TriggerAtlas:
     """Find the top-k trigger examples of every key; see :meth:`ffkv_lens.MemoryLens.search_triggers`."""
     from ffkv_lens.analysis.checkpoint import rank_checkpoint_dir
@@ -356,10 +379,13 @@ def search_triggers(
     config = SearchConfig(k, unit, max_len, tuple(chosen), signed, exclude_bos, max_tokens)
     here = world()
     batching = {"batch_tokens": batch_tokens, "sort_window": SORT_WINDOW}
-    search = TriggerSearch(adapter, config, corpus.describe(), batching)
+    settings = StatsSettings(stats, density_threshold, histogram_bins, quantile_groups, quantile_samples, quadrants)
+    search = TriggerSearch(adapter, config, corpus.describe(), batching, settings)
     folder = None if checkpoint_dir is None else rank_checkpoint_dir(checkpoint_dir, here)
     if folder is not None and search.load_checkpoint(folder):
         log.info("resuming from %s after %d batches", folder, search.progress.batches)
+    if search.memory_stats is not None and search.memory_stats.ranges is None:
+        search.memory_stats.calibrate(adapter, corpus, config, here)
     # Batch i belongs to rank i % size; this rank has done its first `progress.batches` of them.
     resume_at = here.rank + here.size * search.progress.batches
     total = None if max_tokens is None or here.distributed else max_tokens

@@ -8,6 +8,8 @@ Each operation has a reference in torch (the definition) and twins with the same
   :func:`update_topk_signed`, and the search's merge policy :func:`grouped_merge_units`;
 - per-row statistics of value logits: :mod:`~ffkv_lens.kernels.value_stats` (reference),
   :mod:`~ffkv_lens.kernels.value_stats_numba` (CPU); :func:`value_row_stats`;
+- per-memory statistics of the trigger search: :mod:`~ffkv_lens.kernels.memory_stats` (reference, also
+  the CUDA path), :mod:`~ffkv_lens.kernels.memory_stats_numba` (CPU); :func:`update_memory_stats`;
 - residual states read in the vocabulary: :mod:`~ffkv_lens.kernels.readouts` (reference),
   :mod:`~ffkv_lens.kernels.readouts_tiled` (any device); :func:`state_tops`, :func:`state_top`.
 
@@ -34,7 +36,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from ffkv_lens.kernels import readouts, readouts_tiled, value_stats
+from ffkv_lens.kernels import memory_stats, readouts, readouts_tiled, value_stats
 from ffkv_lens.kernels import topk as _reference
 from ffkv_lens.kernels.dispatch import (
     KERNELS_ENV,
@@ -65,6 +67,7 @@ __all__ = [
     "state_top",
     "state_tops",
     "update_topk",
+    "update_memory_stats",
     "update_topk_signed",
     "value_row_stats",
 ]
@@ -143,6 +146,33 @@ def value_row_stats(
         if twin is not None:
             return twin.value_row_stats(logits, k, targets)
     return value_stats.value_row_stats(logits, k, targets)
+
+
+def update_memory_stats(
+    state: memory_stats.MemoryStatsState,
+    m: Float[Tensor, "n d_mlp"],
+    units: Int[Tensor, " n"],
+    positions: Int[Tensor, " n"],
+    *,
+    lo: float,
+    hi: float,
+    threshold: float,
+    salt: int,
+) -> None:
+    """Add candidate positions to a layer's statistics: :func:`~ffkv_lens.kernels.memory_stats.update_memory_stats`.
+
+    The Numba twin (one fused pass) runs on CPU float32/float64 coefficients when the top-k operations would
+    run Numba there (``auto`` or ``numba``); otherwise the reference (CUDA included). Integers, reservoirs,
+    minima and maxima are identical; the float64 sums agree to summation-order rounding.
+    """
+    kernel_choice()
+    usable = m.device.type == "cpu" and m.dtype in (torch.float32, torch.float64)
+    if usable and active_implementation(m.device) == "numba":
+        twin = numba_module("memory_stats")
+        if twin is not None:
+            twin.update_memory_stats(state, m, units, positions, lo=lo, hi=hi, threshold=threshold, salt=salt)
+            return
+    memory_stats.update_memory_stats(state, m, units, positions, lo=lo, hi=hi, threshold=threshold, salt=salt)
 
 
 def state_tops(
