@@ -54,7 +54,8 @@ def sample_token_coefficients(prompt: PromptModel | None, run: str, index: Brows
     worst = 0.0
     for s in samples:
         ids, m = tokens[s["unit_id"]][1][: s["position"] + 1], per_unit[s["unit_id"]][: s["position"] + 1]
-        worst = max(worst, abs(m[-1] - s["coefficient"]))
+        if m:  # a sample on the BOS (position -1) has no token of its own
+            worst = max(worst, abs(m[-1] - s["coefficient"]))
         groups.setdefault(str(s["grp"]), []).append(
             [{"token": decode[t], "coefficient": v} for t, v in zip(ids, m, strict=True)]
         )

@@ -1,11 +1,11 @@
 """Per-memory statistics in the browser index: equal to the atlas's, the density list, runs without them."""
 
 import math
+import os
 
 import numpy as np
 import pytest
 
-from ffkv_lens.analysis.atlas import TriggerExample
 from ffkv_lens.browser import BrowserIndex
 from ffkv_lens.errors import ConfigError
 
@@ -38,9 +38,11 @@ def _check_quantiles(groups: list, atlas, layer: int, key: int) -> None:
         assert (g["group"], g["lo"], g["hi"], g["share"]) == (e.group, e.group_lo, e.group_hi, e.group_share)
         assert (s["unit_id"], s["doc_id"], s["position"]) == (e.unit_id, e.doc_id, e.position)
         assert s["coefficient"] == e.coefficient  # float32 in the atlas, float64 in the index: exact
-        example = TriggerExample(e.unit_id, e.doc_id, e.position, e.coefficient, e.text, None, None)
-        assert (s["before"], s["token"]) == atlas.prefix_parts(example)
+        # As for trigger examples: the token is what it adds to the decoded prefix (a character split
+        # across byte-level tokens is shown whole on the token that completes it).
+        shorter = atlas.tokenizer.decode(atlas.units.get(e.unit_id)[1][: max(e.position, 0)])
         assert s["before"] + s["token"] == e.text
+        assert s["token"] == e.text[len(os.path.commonprefix([shorter, e.text])) :]
 
 
 @pytest.mark.parametrize(
