@@ -185,7 +185,9 @@ def _add_show(sub: argparse._SubParsersAction) -> None:
         help="one memory in the terminal: trigger examples (peak token marked), next tokens, value tokens",
         description="Print one memory (layer, key) of a run folder: its top trigger examples with the peak token "
         "marked (reverse video on a terminal, [[...]] otherwise), the coefficient and the next token, and the "
-        "value's top and bottom tokens with their logits. No model needed.",
+        "value's top and bottom tokens with their logits; then, when the search recorded them, the memory's statistics: "
+        "the histogram as a sparkline with density, mean and std, and samples from each activation interval. "
+        "No model needed.",
     )
     show.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (--out of `ffkv-lens run`)")
     show.add_argument("--layer", type=int, required=True, help="the layer (0-based)")

@@ -3,6 +3,7 @@
 Skipped like tests/browser/test_browser.py when playwright or chromium is missing.
 """
 
+import math
 from collections.abc import Iterator
 
 import pytest
@@ -45,6 +46,11 @@ def test_memory_page_draws_the_histogram_and_the_quantile_samples(page, server, 
         assert abs(b["height"] - tallest * b["count"] / max(counts)) <= 0.01
     labels = tab.locator("#histogram svg text").all_text_contents()
     assert "coefficient" in labels and "count" in labels and f"{max(counts):,}" in labels
+    tab.check("#hist-log")  # heights then grow with log(1 + count)
+    expect(tab.locator("#histogram svg text.axis-label").last).to_have_text("count (log)")
+    logged = tab.locator("#histogram svg.histogram rect.bar").evaluate_all(_BARS_JS)
+    for b in logged:
+        assert abs(b["height"] - tallest * math.log1p(b["count"]) / math.log1p(max(counts))) <= 0.01
     expect(tab.locator("#stats-line")).to_contain_text(f"n {stats['count']:,}")
     # Quantile groups, strongest first; each sample's text ends in its marked token, with its coefficient.
     groups = tab.locator("#quantiles .qgroup")
