@@ -194,10 +194,10 @@ def format_stats(stats: MemoryStats | None, *, color: bool, samples: int = SAMPL
 def histogram_svg(
     edges: Sequence[float], counts: Sequence[int], *, width: int = 320, height: int = 120, title: str = ""
 ) -> str:
-    """A histogram as a self-contained inline ``<svg>``: one bar per bin, axes labelled coefficient and count.
+    """A histogram as a self-contained inline ``<svg>``: one bar per non-empty bin, axes labelled coefficient and count.
 
-    Bars are drawn to a linear count scale over the bins' coefficient range. Bars carry a
-    ``<title>`` (bin range and count) for hover; ``title`` labels the whole figure.
+    Bars are drawn to a linear count scale over the bins' coefficient range, inside ``<g class="bars">``;
+    each carries a ``<title>`` (bin range and count) for hover; ``title`` labels the whole figure.
     """
     if len(edges) != len(counts) + 1:
         raise ConfigError(f"{len(edges)} histogram edges for {len(counts)} bins; pass one edge more than bins.")
@@ -209,13 +209,15 @@ def histogram_svg(
     e = html.escape
     bars = []
     for a, b, c in zip(edges[:-1], edges[1:], counts, strict=True):
+        if c <= 0:  # an empty bin draws nothing (a report holds hundreds of these)
+            continue
         x0 = left + plot_w * (float(a) - lo) / span
         w = max(plot_w * (float(b) - float(a)) / span, 0.5)
         h = plot_h * c / peak
         tip = f"[{float(a):+.4g}, {float(b):+.4g}): {int(c):,}"
         bars.append(
-            f'<rect class="bar" x="{x0:.2f}" y="{top + plot_h - h:.2f}" width="{w:.2f}" height="{h:.2f}" '
-            f'fill="#1f5fa8"><title>{e(tip)}</title></rect>'
+            f'<rect x="{x0:.2f}" y="{top + plot_h - h:.2f}" width="{w:.2f}" height="{h:.2f}">'
+            f"<title>{e(tip)}</title></rect>"
         )
     base = top + plot_h
     axes = (
@@ -233,7 +235,7 @@ def histogram_svg(
     return (
         f'<svg class="histogram" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}" role="img" font-family="sans-serif" fill="#1d2330">{label}'
-        f"{''.join(bars)}{axes}</svg>"
+        f'<g class="bars" fill="#1f5fa8">{"".join(bars)}</g>{axes}</svg>'
     )
 
 

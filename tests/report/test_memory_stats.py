@@ -74,22 +74,24 @@ def test_format_stats_colour_quadrants_sample_limit_and_no_stats() -> None:
     assert format_stats(None, color=False) == NO_STATS and "\n" not in NO_STATS
 
 
-def test_histogram_svg_is_well_formed_with_one_bar_per_bin_and_labelled_axes() -> None:
-    edges, counts = [-1.0, -0.5, 0.0, 0.5, 1.0], [1, 4, 2, 0]
+def test_histogram_svg_is_well_formed_with_one_bar_per_nonempty_bin_and_labelled_axes() -> None:
+    edges, counts = [-1.0, -0.5, 0.0, 0.5, 1.0, 1.5], [1, 4, 0, 2, 0]
     root = ElementTree.fromstring(histogram_svg(edges, counts, title="L<1> & K2"))
-    bars = root.findall(f"{SVG}rect")
-    assert len(bars) == len(counts)
-    heights = [float(b.get("height")) for b in bars]
-    tallest = max(heights)
-    for h, c in zip(heights, counts, strict=True):  # linear scale, to the drawing's 0.01 px
-        assert abs(h - tallest * c / max(counts)) <= 0.01
-    xs = [float(b.get("x")) for b in bars]
-    assert xs == sorted(xs) and all(abs(b - a - float(bar.get("width"))) <= 0.02
-                                    for a, b, bar in zip(xs, xs[1:], bars, strict=False))  # fmt: skip
+    bars = root.findall(f"{SVG}g/{SVG}rect")
+    assert len(bars) == sum(c > 0 for c in counts)  # empty bins draw nothing
+    width = float(bars[0].get("width"))
+    left = float(bars[0].get("x"))
+    tallest = max(float(b.get("height")) for b in bars)
+    base = float(bars[0].get("y")) + float(bars[0].get("height"))
+    for bar in bars:  # each bar at its bin's place, to a linear scale (the drawing's 0.01 px)
+        assert abs(float(bar.get("width")) - width) <= 0.01
+        c = counts[round((float(bar.get("x")) - left) / width)]
+        assert c > 0 and abs(float(bar.get("height")) - tallest * c / max(counts)) <= 0.01
+        assert abs(float(bar.get("y")) + float(bar.get("height")) - base) <= 0.02  # bars stand on one axis
     texts = [t.text for t in root.iter(f"{SVG}text")]
-    assert "coefficient" in texts and "count" in texts and "-1" in texts and "+1" in texts and "4" in texts
+    assert "coefficient" in texts and "count" in texts and "-1" in texts and "+1.5" in texts and "4" in texts
     assert root.find(f"{SVG}title").text == "L<1> & K2"
-    assert [b.find(f"{SVG}title").text for b in bars][1] == "[-0.5, +0): 4"
+    assert [b.find(f"{SVG}title").text for b in bars] == ["[-1, -0.5): 1", "[-0.5, +0): 4", "[+0.5, +1): 2"]
     assert not re.search(r"(href|src)=", histogram_svg(edges, counts))  # nothing to fetch
-    with pytest.raises(ConfigError, match="5 histogram edges for 5 bins"):
-        histogram_svg(edges, [1, 2, 3, 4, 5])
+    with pytest.raises(ConfigError, match="6 histogram edges for 6 bins"):
+        histogram_svg(edges, [1, 2, 3, 4, 5, 6])
