@@ -9,10 +9,17 @@ process, with the three methods interleaved batch by batch and repeated:
              each unit's peak position (``max`` with indices) as a trigger example needs; also timed
              without the positions (``naive_values_only``, a lower bound on the recipe's cost).
 
+With ``--stats``, a fourth method runs in the same rotation:
+
+(d) search_stats: ``TriggerSearch.update`` with the per-memory statistics (docs/triggers.md), the
+    default of ``search_triggers``; (b) then runs with ``stats=False``. The calibration pass that sets
+    the histogram ranges runs once, before timing (it reads 64 units, not the corpus).
+
 Peak RSS of a whole ``search_triggers`` over N and 4N tokens is measured in fresh subprocesses.
 
 Usage:
     python benchmarks/trigger_search.py --model smollm2-135m --tokens 8192 --out bench.json
+    python benchmarks/trigger_search.py --stats --no-rss --tokens 8192 --out bench_stats.json
 """
 
 import argparse
@@ -84,14 +91,33 @@ class Naive:
                 self.peaks[i] = torch.cat([self.peaks[i], pos], dim=1).gather(1, top.indices)
 
 
-def interleaved(lens, batches, k: int, reps: int) -> dict:
+def stats_search(lens, config, ranges: dict | None = None):
+    """A ``TriggerSearch`` with the default statistics, its ranges calibrated (or given)."""
+    from ffkv_lens.analysis.triggers import TriggerSearch
+    from ffkv_lens.corpus import Corpus
+    from ffkv_lens.distributed import world
+
+    search = TriggerSearch(lens.adapter, config, {"name": "bench"})
+    if ranges is None:
+        search.memory_stats.calibrate(lens.adapter, Corpus.default(), config, world())
+    else:
+        search.memory_stats.ranges = ranges
+    return search
+
+
+def interleaved(lens, batches, k: int, reps: int, stats: bool = False) -> dict:
+    from ffkv_lens.analysis.stats.settings import StatsSettings
     from ffkv_lens.analysis.triggers import SearchConfig, TriggerSearch
 
     device = lens.adapter.device
     tokens = sum(int(b.lengths.sum()) for b in batches)
     rates = {"forward": [], "search": [], "naive": [], "naive_values_only": []}
+    if stats:
+        rates["search_stats"] = []
+    config = SearchConfig(k=k, unit="window", max_len=128)
+    ranges = stats_search(lens, config).memory_stats.ranges if stats else None
     for rep in range(reps):
-        search = TriggerSearch(lens.adapter, SearchConfig(k=k, unit="window", max_len=128), {"name": "bench"})
+        search = TriggerSearch(lens.adapter, config, {"name": "bench"}, stats=StatsSettings(stats=False))
         naive, values_only = Naive(lens, k), Naive(lens, k, positions=False)
         spent = dict.fromkeys(rates, 0.0)
         runners = {
@@ -100,6 +126,9 @@ def interleaved(lens, batches, k: int, reps: int) -> dict:
             "naive": naive.update,
             "naive_values_only": values_only.update,
         }
+        if stats:
+            with_stats = stats_search(lens, config, ranges)
+            runners["search_stats"] = with_stats.update
         for i, batch in enumerate(batches):
             order = list(runners)[i % len(runners) :] + list(runners)[: i % len(runners)]  # rotate who goes first
             for name in order:
@@ -112,6 +141,10 @@ def interleaved(lens, batches, k: int, reps: int) -> dict:
         search.flush()  # candidates still grouped for merging (CPU) count as search time
         _sync(device)
         spent["search"] += time.perf_counter() - start
+        if stats:
+            start = time.perf_counter()
+            with_stats.flush()
+            spent["search_stats"] += time.perf_counter() - start
         for name in rates:
             rates[name].append(tokens / spent[name])
         print(f"rep {rep}: " + ", ".join(f"{n} {r[-1]:.0f} tok/s" for n, r in rates.items()), file=sys.stderr)
@@ -143,10 +176,12 @@ def main(argv=None) -> int:
     parser.add_argument("--k", type=int, default=50)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
+    parser.add_argument("--stats", action="store_true", help="also time the search with per-memory statistics")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
 
     import ffkv_lens as fk
+    from ffkv_lens.analysis.stats.settings import StatsSettings
     from ffkv_lens.analysis.triggers import SearchConfig, TriggerSearch
     from ffkv_lens.kernels import active_implementation
 
@@ -155,10 +190,13 @@ def main(argv=None) -> int:
     with torch.no_grad():
         for batch in batches[:1]:  # warm-up (allocator, compiled kernels loaded from their cache)
             forward_only(lens, batch)
-            warm = TriggerSearch(lens.adapter, SearchConfig(k=args.k, unit="window", max_len=128), {"name": "warm-up"})
+            config = SearchConfig(k=args.k, unit="window", max_len=128)
+            warm = TriggerSearch(lens.adapter, config, {"name": "warm-up"}, stats=StatsSettings(stats=False))
             warm.update(batch)
             warm.flush()
-        rates = interleaved(lens, batches, args.k, args.reps)
+            if args.stats:  # compiles (or loads) the statistics kernel
+                stats_search(lens, config).update(batch)
+        rates = interleaved(lens, batches, args.k, args.reps, stats=args.stats)
     med = {name: statistics.median(values) for name, values in rates.items()}
     # Each repetition interleaves the three methods batch by batch, so its ratios compare them under the
     # same machine conditions; the machine's speed drifts between repetitions (shared host).
@@ -189,6 +227,14 @@ def main(argv=None) -> int:
         "kernels": active_implementation(args.device),
         "raw_tokens_per_s": rates,
     }
+    if args.stats:
+        ratios = [w / s for w, s in zip(rates["search_stats"], rates["search"], strict=True)]
+        result.update(
+            tokens_per_s_search_stats=med["search_stats"],
+            ratio_stats_vs_search=statistics.median(ratios),
+            ratio_stats_vs_search_per_repetition=ratios,
+            stats_settings=StatsSettings().to_dict(),
+        )
     if not args.no_rss:
         small, large = (
             peak_rss_mb(args.model, args.device, args.tokens),

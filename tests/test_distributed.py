@@ -2,7 +2,8 @@
 
 Both runs compute with one thread per process (torchrun's default, set explicitly for the single
 process too), so every unit's coefficients are bitwise equal and the atlas tensors, the section-5
-records and every table must be *equal* (no tolerance). The kill test SIGKILLs rank 1 after its
+records and every table must be *equal* (no tolerance); so are the per-memory statistics, but for
+their float64 sums (1e-12 relative: the ranks' partial sums are added). The kill test SIGKILLs rank 1 after its
 second checkpoint (a test-only patch in the launched script), restarts with the same world size,
 checks the resume message, and compares with the uninterrupted single-process run.
 """
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--k", "4", "--keys-per-layer", "4", "--examples", "2", "--positions", "24", "--max-tokens", "3000",
-        "--batch-tokens", "96", "--checkpoint-every", "150"]  # fmt: skip
+        "--batch-tokens", "96", "--checkpoint-every", "150", "--quadrants"]  # fmt: skip
 # Runs the CLI; with KILL_RANK set, that rank SIGKILLs itself after its KILL_AFTER-th checkpoint; with
 # FAIL_IN=module.function set, that function raises a RuntimeError (a bug, not an FfkvLensError) on rank 0.
 LAUNCH = """
@@ -81,6 +82,12 @@ def _assert_same_results(a: Path, b: Path) -> None:
     assert sorted(ta) == sorted(tb)
     for name, tensor in ta.items():
         assert torch.equal(tensor, tb[name]), name
+    # Per-memory statistics: exact but for the float64 sums, which add the ranks' partial sums (1e-12 relative).
+    sa, sb = load_file(str(a / "atlas" / "stats.safetensors")), load_file(str(b / "atlas" / "stats.safetensors"))
+    assert sorted(sa) == sorted(sb) and sa
+    for name, tensor in sa.items():
+        exact = not name.endswith((".sums", ".squares"))
+        torch.testing.assert_close(sb[name], tensor, rtol=0 if exact else 1e-12, atol=0, equal_nan=True, msg=name)
     tables = sorted(p.name for p in (a / "tables").glob("*.csv"))
     assert tables == sorted(p.name for p in (b / "tables").glob("*.csv")) and len(tables) >= 7
     for name in tables:

@@ -46,6 +46,8 @@ class LayerHooks:
         resid_after_ffn: o = r + y (``hook_resid_post``; BERT: the sum entering the
             output LayerNorm, ``ln2.hook_in``).
         post_ffn_scale: Per-token RMS scale of the post-FFN norm (Gemma), else ``None``.
+        gate_pre: The gate pre-activation ``x W_gate`` of a gated MLP (``mlp.hook_pre``), else ``None``.
+        up_pre: The up projection ``x W_in`` of a gated MLP (``mlp.hook_pre_linear``), else ``None``.
     """
 
     coefficients: str
@@ -54,6 +56,8 @@ class LayerHooks:
     resid_before_ffn: str | None
     resid_after_ffn: str
     post_ffn_scale: str | None = None
+    gate_pre: str | None = None
+    up_pre: str | None = None
 
     def required(self) -> list[str]:
         """Every hook name of this layer that is set."""

@@ -98,6 +98,8 @@ class BridgeAdapter(TLModelShape, MemoryAdapter):
             resid_before_ffn=before,
             resid_after_ffn=after,
             post_ffn_scale=name("ln2_post.hook_scale") if self.spec.post_ffn_norm else None,
+            gate_pre=name("mlp.hook_pre") if self.spec.gated else None,
+            up_pre=name("mlp.hook_pre_linear") if self.spec.gated else None,
         )
 
     def hook_names(self, layer: int) -> LayerHooks:

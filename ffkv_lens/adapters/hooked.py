@@ -127,6 +127,8 @@ class HookedAdapter(TLModelShape, MemoryAdapter):
             resid_before_ffn=None if self._parallel else prefix + "hook_resid_mid",
             resid_after_ffn=prefix + "hook_resid_post",
             post_ffn_scale=prefix + "ln2_post.hook_scale" if self.spec.post_ffn_norm else None,
+            gate_pre=prefix + "mlp.hook_pre" if self.spec.gated else None,
+            up_pre=prefix + "mlp.hook_pre_linear" if self.spec.gated else None,
         )
 
     def hook_names(self, layer: int) -> LayerHooks:

@@ -209,8 +209,27 @@ def check_stats(tensors: dict[str, Tensor], stats: dict[str, Any], layers: list[
             raise DamagedFileError(f"{path}: layer {layer} has active counts outside 0 to {count}; {ATLAS_FIX}.")
         table = _Samples(parts["sample_units"].reshape(d_mlp, -1), parts["sample_positions"].reshape(d_mlp, -1))
         check_references({layer: table}, units, path)
+        if stats.get("quadrants"):
+            parts.update(_check_quadrants(tensors, layer, parts["active"], stats, path, units))
         out[layer] = parts
     return out
+
+
+def _check_quadrants(tensors: dict[str, Tensor], layer: int, active: Tensor, stats: dict[str, Any], path: Path,
+                     units: dict[str, Tensor]) -> dict[str, Tensor]:  # fmt: skip
+    """The quadrant tensors of one layer: shapes, counts adding up to the active counts, example references."""
+    d_mlp, k = active.shape[0], field(stats, "stats.quadrant_examples", int, path, low=1, fix=ATLAS_FIX)
+    parts = {"quadrant_counts": check_tensor(tensors, f"{layer}.quadrant_counts", path, shape=(d_mlp, 4), kind="int",
+                                             fix=ATLAS_FIX)}  # fmt: skip
+    for name, kind in (("quadrant_units", "int"), ("quadrant_positions", "int"), ("quadrant_values", "float")):
+        parts[name] = check_tensor(tensors, f"{layer}.{name}", path, shape=(d_mlp, 4, k), kind=kind, fix=ATLAS_FIX)
+    if bool((parts["quadrant_counts"] < 0).any()) or not torch.equal(parts["quadrant_counts"].sum(1), active):
+        raise DamagedFileError(
+            f"{path}: layer {layer}'s quadrant counts do not add up to its active counts; {ATLAS_FIX}."
+        )
+    table = _Samples(parts["quadrant_units"].reshape(d_mlp, -1), parts["quadrant_positions"].reshape(d_mlp, -1))
+    check_references({layer: table}, units, path)
+    return parts
 
 
 class _Samples:

@@ -91,7 +91,9 @@ class TriggerSearch:
         )
         self.progress = _Progress()
         self.stats_settings = stats
-        self.memory_stats = MemoryStats(stats, self.layers, adapter.d_mlp, dev, self.dtype) if stats.stats else None
+        self.memory_stats = (
+            MemoryStats(stats, self.layers, adapter.d_mlp, dev, self.dtype, adapter) if stats.stats else None
+        )
         self.per_rank: list[dict[str, int]] | None = None  # set by merge_world under torchrun
         # How often each token is the next token of some candidate position (a unit's tokens
         # after its first): the corpus unigram of next tokens, for the agreement baseline.
@@ -148,11 +150,11 @@ class TriggerSearch:
                 self._reduce(layer, m, valid, unit_ids)
 
         start = time.perf_counter()
-
+        hooks = (self.memory_stats.hooks() if self.memory_stats is not None else []) + [  # gate/up fire first
+            (name, reduce) for name in self._hook_layer
+        ]
         with torch.no_grad():
-            self.adapter.run_with_hooks(
-                tokens, [(name, reduce) for name in self._hook_layer], attention_mask=mask, stop_after=self._stop
-            )
+            self.adapter.run_with_hooks(tokens, hooks, attention_mask=mask, stop_after=self._stop)
         self.progress.seconds += time.perf_counter() - start
         following: list[int] = []
         for unit in batch.units:

@@ -148,3 +148,16 @@ def test_hooks_removed_after_an_exception(lens: MemoryLens) -> None:
 def test_bad_layer_selection_is_named(lens: MemoryLens) -> None:
     with pytest.raises(ConfigError, match="layers=7"):
         lens.coefficients(_tokens(lens), layers=7)
+
+
+@torch.no_grad()
+def test_gate_and_up_hooks_rebuild_the_coefficients(lens: MemoryLens) -> None:
+    # m = act(gate pre-activation) * up projection on gated MLPs; no such hooks on the others.
+    names = [lens.hook_names(layer) for layer in range(lens.n_layers)]
+    if not lens.adapter.gated:
+        assert all(n.gate_pre is None and n.up_pre is None for n in names)
+        return
+    acts = lens.adapter.record(_tokens(lens), [h for n in names for h in (n.gate_pre, n.up_pre, n.coefficients)])
+    for layer, n in enumerate(names):
+        rebuilt = lens.adapter.activation(acts[n.gate_pre]) * acts[n.up_pre]
+        assert_close(rebuilt, acts[n.coefficients], rel=1e-5, what=f"act(gate) * up, layer {layer}")

@@ -165,3 +165,16 @@ def test_make_adapter_names_both_backends() -> None:
 
     with pytest.raises(ConfigError, match="HookedTransformer.*TransformerBridge|TransformerBridge.*HookedTransformer"):
         MemoryLens(torch.nn.Linear(2, 2))
+
+
+@torch.no_grad()
+def test_gate_and_up_hooks_rebuild_the_coefficients(lens: MemoryLens) -> None:
+    # m = act(gate pre-activation) * up projection on gated MLPs; no such hooks on the others.
+    names = [lens.hook_names(layer) for layer in range(lens.n_layers)]
+    if not lens.adapter.gated:
+        assert all(n.gate_pre is None and n.up_pre is None for n in names)
+        return
+    acts = lens.adapter.record(_tokens(lens), [h for n in names for h in (n.gate_pre, n.up_pre, n.coefficients)])
+    for layer, n in enumerate(names):
+        rebuilt = lens.adapter.activation(acts[n.gate_pre]) * acts[n.up_pre]
+        assert_close(rebuilt, acts[n.coefficients], rel=1e-5, what=f"act(gate) * up, layer {layer}")

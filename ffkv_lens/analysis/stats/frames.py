@@ -136,10 +136,41 @@ class StatsViews:
             "(e.g. smollm2-135m, gemma3-270m)."
         )
 
+    def _quadrant_table(self, layer: int, key: int) -> LayerStats:
+        if not self.has_quadrants:
+            raise self._no_quadrants()
+        return self._layer_stats(layer, key)
+
     def quadrants(self, layer: int, key: int) -> Any:
-        """Columns ``quadrant, gate_sign, up_sign, count, share``: the memory's active positions per sign pair."""
-        raise self._no_quadrants()
+        """Columns ``quadrant, gate_sign, up_sign, count, share``: the memory's active positions per sign pair.
+
+        ``+`` is a value ``> 0``, ``-`` one ``<= 0``; shares sum to 1 when the memory has an active position.
+        """
+        import pandas as pd
+
+        counts = self._quadrant_table(layer, key).quadrant_counts[key]  # type: ignore[index]
+        total = int(counts.sum())
+        return pd.DataFrame(
+            {
+                "quadrant": list(QUADRANTS),
+                "gate_sign": ["+", "+", "-", "-"],
+                "up_sign": ["+", "-", "+", "-"],
+                "count": counts.numpy(),
+                "share": (counts.double() / total).numpy() if total else [0.0] * 4,
+            }
+        )
 
     def quadrant_examples(self, layer: int, key: int) -> Any:
-        """Columns ``quadrant, rank, unit_id, doc_id, position, coefficient, text, token``."""
-        raise self._no_quadrants()
+        """Columns ``quadrant, rank, unit_id, doc_id, position, coefficient, text, token``: top examples by ``|m|``."""
+        import pandas as pd
+
+        table = self._quadrant_table(layer, key)
+        rows = []
+        for q, name in enumerate(QUADRANTS):
+            picks = zip(table.quadrant_units[key, q].tolist(), table.quadrant_positions[key, q].tolist(),  # type: ignore[index]
+                        table.quadrant_values[key, q].double().tolist(), strict=True)  # type: ignore[index]  # fmt: skip
+            for rank, (unit, position, value) in enumerate(p for p in picks if p[0] >= 0):
+                doc, position, text, token = self._sample_row(unit, position)
+                rows.append((name, rank, unit, doc, position, value, text, token))
+        columns = ["quadrant", "rank", "unit_id", "doc_id", "position", "coefficient", "text", "token"]
+        return pd.DataFrame(rows, columns=columns)

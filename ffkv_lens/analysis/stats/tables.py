@@ -35,6 +35,9 @@ class LayerStats:
         sample_units: ``[d_mlp, G, R]`` int64 unit ids of the sampled examples (-1: none).
         sample_positions: ``[d_mlp, G, R]`` int64 positions among the unit's own tokens (-1: BOS or none).
         sample_values: ``[d_mlp, G, R]`` float32/float64 coefficients.
+        quadrant_counts: ``[d_mlp, 4]`` int64 active positions per gate/up sign combination (quadrants only).
+        quadrant_units, quadrant_positions: ``[d_mlp, 4, K]`` int64 top examples per combination (-1: none).
+        quadrant_values: ``[d_mlp, 4, K]`` their coefficients m.
     """
 
     count: Tensor
@@ -51,10 +54,15 @@ class LayerStats:
     sample_units: Tensor
     sample_positions: Tensor
     sample_values: Tensor
+    quadrant_counts: Tensor | None = None
+    quadrant_units: Tensor | None = None
+    quadrant_positions: Tensor | None = None
+    quadrant_values: Tensor | None = None
 
     def tensors(self, layer: int) -> dict[str, Tensor]:
         """``{"<layer>.<field>": tensor}`` for safetensors."""
-        return {f"{layer}.{f.name}": getattr(self, f.name).contiguous().cpu() for f in fields(self)}
+        parts = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {f"{layer}.{name}": t.contiguous().cpu() for name, t in parts.items() if t is not None}
 
 
 def group_of_bins(hist: Tensor, groups: int) -> Tensor:
@@ -65,7 +73,13 @@ def group_of_bins(hist: Tensor, groups: int) -> Tensor:
     return group.clamp_(0, groups - 1)
 
 
-def finish_layer(state: MemoryStatsState, bin_range: tuple[float, float], groups: int, shift: int) -> LayerStats:
+def finish_layer(
+    state: MemoryStatsState,
+    bin_range: tuple[float, float],
+    groups: int,
+    shift: int,
+    quadrants: dict[str, Tensor] | None = None,
+) -> LayerStats:
     """Turn one layer's accumulators into its stored statistics (quantile groups and their samples)."""
     hist = state.hist.cpu()
     d_mlp, bins = hist.shape
@@ -84,6 +98,7 @@ def finish_layer(state: MemoryStatsState, bin_range: tuple[float, float], groups
     return LayerStats(
         state.count.cpu(), state.sums.cpu(), state.squares.cpu(), state.active.cpu(), state.minimum.cpu(),
         state.maximum.cpu(), hist, state.outside.cpu(), group_lo, group_hi, count, units, positions, values,
+        **(quadrants or {}),
     )  # fmt: skip
 
 
