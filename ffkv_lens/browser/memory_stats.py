@@ -38,7 +38,7 @@ CREATE TABLE quantile_samples(              -- in the atlas's order: by group, t
     memory INTEGER NOT NULL, grp INTEGER NOT NULL, ord INTEGER NOT NULL, context INTEGER NOT NULL,
     coefficient REAL NOT NULL, PRIMARY KEY(memory, grp, ord)) WITHOUT ROWID;
 CREATE TABLE quadrants(
-    memory INTEGER NOT NULL, ord INTEGER NOT NULL, quadrant TEXT NOT NULL, gate_sign INTEGER, up_sign INTEGER,
+    memory INTEGER NOT NULL, ord INTEGER NOT NULL, quadrant TEXT NOT NULL, gate_sign TEXT, up_sign TEXT,
     count INTEGER NOT NULL, share REAL, PRIMARY KEY(memory, ord)) WITHOUT ROWID;
 CREATE TABLE sample_units(                  -- tokens of the units the samples are in (browse --model recomputes)
     unit_id INTEGER PRIMARY KEY, doc_id INTEGER NOT NULL, tokens BLOB NOT NULL);  -- <i4, without BOS
@@ -70,8 +70,8 @@ def fill_stats(conn: sqlite3.Connection, atlas: Any) -> dict[str, bool]:
         groups, samples = _layer_samples(atlas, layer)
         conn.executemany("INSERT INTO quantile_groups VALUES (?, ?, ?, ?, ?)", groups)
         parts.append(samples)
-        for key in range(d_mlp) if atlas.has_quadrants else ():
-            _insert_quadrants(conn, layer * d_mlp + key, atlas.quadrants(layer, key))
+        if atlas.has_quadrants:
+            _insert_quadrants(conn, atlas, layer)
     _insert_samples(conn, atlas, {name: np.concatenate([p[name] for p in parts]) for name in parts[0]})
     return {"stats": True, "quadrants": bool(atlas.has_quadrants)}
 
@@ -101,11 +101,21 @@ def _layer_samples(atlas: Any, layer: int) -> tuple[list[tuple], dict[str, np.nd
     return groups, samples
 
 
-def _insert_quadrants(conn: sqlite3.Connection, memory: int, frame: Any) -> None:
+def _insert_quadrants(conn: sqlite3.Connection, atlas: Any, layer: int) -> None:
+    """A layer's quadrant counts and shares, as ``atlas.quadrants`` gives them, read in bulk (``quadrant_counts``).
+
+    The quadrant names and signs are those of ``atlas.quadrants`` (read once, from key 0).
+    """
+    names = atlas.quadrants(layer, 0)[["quadrant", "gate_sign", "up_sign"]].itertuples(index=False)
+    names = [tuple(str(v) for v in row) for row in names]
+    counts = atlas.memory_stats[layer].quadrant_counts.numpy()
+    totals = counts.sum(1, keepdims=True)
+    shares = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+    base = layer * atlas.d_mlp
     conn.executemany(
         "INSERT INTO quadrants VALUES (?, ?, ?, ?, ?, ?, ?)",
-        ((memory, i, str(q.quadrant), int(q.gate_sign), int(q.up_sign), int(q.count), float(q.share))
-         for i, q in enumerate(frame.itertuples(index=False))),
+        ((base + k, q, *names[q], int(counts[k, q]), float(shares[k, q]))
+         for k in range(counts.shape[0]) for q in range(len(names))),
     )  # fmt: skip
 
 

@@ -24,7 +24,7 @@ def _tiny_run(family: str, tiny_folder, tmp_path_factory) -> Path:
     corpus.write_text((TEXT + "\n" + EXTRA + "\n") * 3, encoding="utf-8")
     config = RunConfig(
         model=str(tiny_folder(family)), corpus=str(corpus), k=4, keys_per_layer=8, examples=4, positions=16,
-        max_tokens=2000,
+        max_tokens=2000, quadrants=family == "llama",
     )  # fmt: skip
     # Both run folders are named "run": browsing them side by side labels them "run" and "run-2".
     return run_study(config, tmp_path_factory.mktemp(f"browser-run-{family}") / "run", progress=False)
@@ -37,7 +37,7 @@ def tiny_run(tiny_folder, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_run_b(tiny_folder, tmp_path_factory) -> Path:
-    """A second run, of another family (Llama); same sizes (3 layers x 64 keys) as ``tiny_run``."""
+    """A second run, of another family (Llama, gated: searched with quadrants); 3 layers x 64 keys as ``tiny_run``."""
     return _tiny_run("llama", tiny_folder, tmp_path_factory)
 
 
@@ -62,6 +62,11 @@ def labels(comparison) -> tuple[str, str]:
 @pytest.fixture(scope="session")
 def tiny_index(tiny_run) -> Path:
     return open_index(tiny_run)
+
+
+@pytest.fixture(scope="session")
+def tiny_index_b(tiny_run_b) -> Path:
+    return open_index(tiny_run_b)
 
 
 @pytest.fixture(scope="session")
@@ -91,6 +96,12 @@ def _serve(source, **options) -> Iterator[BrowserServer]:
 def server(tiny_index) -> Iterator[BrowserServer]:
     """The browser server of ``tiny_run`` on a free port, serving in a thread."""
     yield from _serve(tiny_index)
+
+
+@pytest.fixture()
+def server_b(tiny_index_b) -> Iterator[BrowserServer]:
+    """The browser server of ``tiny_run_b`` (gated, with quadrants)."""
+    yield from _serve(tiny_index_b)
 
 
 @pytest.fixture()

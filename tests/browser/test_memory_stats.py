@@ -8,6 +8,8 @@ import pytest
 
 from ffkv_lens.browser import BrowserIndex
 from ffkv_lens.errors import ConfigError
+from ffkv_lens.report import RunFolder
+from ffkv_lens.report.memory_stats import format_stats, memory_stats
 
 
 def test_every_memory_s_stats_equal_the_atlas(tiny_index, tiny_atlas) -> None:
@@ -83,3 +85,20 @@ def test_a_run_without_statistics_indexes_and_answers_not_recorded(old_index, ti
         assert memory["stats"] == {"recorded": False} and len(memory["examples"]["top"]) == tiny_atlas.k
         listed = index.memories(tiny_atlas.layers[0])
         assert listed["recorded"] is False and listed["results"] == [] and listed["total"] == 0
+
+
+def test_quadrant_shares_in_the_index_and_in_show_equal_the_atlas(tiny_index_b, tiny_run_b) -> None:
+    atlas = RunFolder(tiny_run_b).atlas
+    assert atlas.has_quadrants
+    with BrowserIndex(tiny_index_b) as index:
+        assert index.info()["has"]["quadrants"] is True
+        for layer in atlas.layers:
+            for key in range(atlas.d_mlp):
+                expected = atlas.quadrants(layer, key).to_dict("records")
+                got = index.memory(layer, key)["stats"]["quadrants"]
+                assert got == expected, (layer, key)  # counts exact; shares the same float64 division
+                active = sum(q["count"] for q in got)
+                assert active == 0 or sum(q["share"] for q in got) == pytest.approx(1.0, abs=1e-12)
+    stats = memory_stats(atlas, atlas.layers[1], 5)
+    shares = " · ".join(f"{q} {s:.3f}" for q, _, s in stats.quadrants)
+    assert f"gate/up quadrants (share of active positions): {shares}" in format_stats(stats, color=False)

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from ffkv_lens.browser import BrowserIndex
+from ffkv_lens.report import RunFolder
 from tests.browser.test_browser import COEF_TOL, _settled, _title, _watched_tab, browser, expect, pytestmark  # noqa: F401
 
 _BARS_JS = "bars => bars.map(b => ({count: Number(b.dataset.count), height: Number(b.getAttribute('height'))}))"
@@ -23,6 +24,11 @@ def page(browser, server) -> Iterator[tuple[object, list[str]]]:  # noqa: F811
 
 @pytest.fixture()
 def old_page(browser, old_server) -> Iterator[tuple[object, list[str]]]:  # noqa: F811
+    yield from _watched_tab(browser)
+
+
+@pytest.fixture()
+def page_b(browser, server_b) -> Iterator[tuple[object, list[str]]]:  # noqa: F811
     yield from _watched_tab(browser)
 
 
@@ -117,4 +123,19 @@ def test_with_the_model_every_sample_token_is_shaded_by_its_coefficient(model_pa
         tokens = [float(c) for c in row.locator(".ptok").evaluate_all("ts => ts.map(t => t.dataset.coefficient)")]
         assert tokens and abs(tokens[-1] - float(row.locator(".coef").text_content())) <= COEF_TOL + 1e-4
         assert row.locator("mark.sampled.ptok").count() == 1
+    assert problems == []
+
+
+def test_a_gated_run_shows_the_quadrant_shares(page_b, server_b, tiny_run_b) -> None:
+    tab, problems = page_b
+    atlas = RunFolder(tiny_run_b).atlas
+    layer, key = atlas.layers[2], 9
+    tab.goto(f"{server_b.url}#layer={layer}&key={key}")
+    _title(tab, layer, key)
+    rows = tab.locator("#quadrants tr.quadrant")
+    expected = atlas.quadrants(layer, key)
+    expect(rows).to_have_count(4)
+    for i, q in enumerate(expected.itertuples(index=False)):
+        cells = rows.nth(i).locator("td").all_text_contents()
+        assert cells[0] == q.quadrant and cells[1] == f"{q.count:,}" and cells[2] == f"{100 * q.share:.1f}%"
     assert problems == []
