@@ -187,7 +187,9 @@ def _add_show(sub: argparse._SubParsersAction) -> None:
         help="one memory in the terminal: trigger examples (peak token marked), next tokens, value tokens",
         description="Print one memory (layer, key) of a run folder: its top trigger examples with the peak token "
         "marked (reverse video on a terminal, [[...]] otherwise), the coefficient and the next token, and the "
-        "value's top and bottom tokens with their logits. No model needed.",
+        "value's top and bottom tokens with their logits; then, when the search recorded them, the memory's statistics: "
+        "the histogram as a sparkline with density, mean and std, and samples from each activation interval. "
+        "No model needed.",
     )
     show.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (--out of `ffkv-lens run`)")
     show.add_argument("--layer", type=int, required=True, help="the layer (0-based)")
@@ -195,6 +197,9 @@ def _add_show(sub: argparse._SubParsersAction) -> None:
     show.add_argument("--sign", type=int, choices=[1, -1], default=1, help="1: top-k examples; -1: bottom-k")
     show.add_argument("--examples", type=_positive, default=10, help="trigger examples to print (default 10)")
     show.add_argument("--color", choices=["auto", "always", "never"], default="auto", help="mark the peak in color")
+    show.add_argument(
+        "--samples", type=_positive, default=3, help="quantile samples to print per activation interval (default 3)"
+    )
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
@@ -202,11 +207,14 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
     from ffkv_lens.report import RunFolder
     from ffkv_lens.report.memories import format_card
+    from ffkv_lens.report.memory_stats import format_stats, memory_stats
 
     run = RunFolder(args.run_dir)
     card = run.card(args.layer, args.key, sign=args.sign, examples=args.examples)
     tty = sys.stdout.isatty() and "NO_COLOR" not in os.environ
-    print(format_card(card, color=args.color == "always" or (args.color == "auto" and tty)))
+    color = args.color == "always" or (args.color == "auto" and tty)
+    print(format_card(card, color=color))
+    print(format_stats(memory_stats(run.atlas, args.layer, args.key), color=color, samples=args.samples))
     return 0
 
 

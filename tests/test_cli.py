@@ -5,10 +5,13 @@ import re
 
 import pytest
 
+from ffkv_lens.analysis.atlas import TriggerExample
 from ffkv_lens.cli import main
 from ffkv_lens.report import RunFolder
 from ffkv_lens.report.figures import FIGURES
-from tests.report.runs import build_tiny_run, copy_run
+from ffkv_lens.report.memories import format_card, printable
+from ffkv_lens.report.memory_stats import NO_STATS, sparkline
+from tests.report.runs import build_tiny_run, copy_run, without_stats
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +168,41 @@ def test_trace_bad_memory_specs_exit_2_in_one_line(tiny_folder, capsys, flag: st
     lines = capsys.readouterr().err.splitlines()  # after the model loader's progress bar, if any
     assert lines[-1].startswith("ffkv-lens: error: ") and message in lines[-1], lines
     assert not any("Traceback" in line for line in lines)
+
+
+def _stats_lines(out: str) -> list[str]:
+    lines = out.splitlines()
+    return lines[next(i for i, line in enumerate(lines) if line.startswith("histogram [")) :]
+
+
+def test_show_prints_the_histogram_sparkline_and_the_quantile_samples(run_dir, capsys) -> None:
+    atlas = RunFolder(run_dir).atlas
+    assert atlas.has_stats
+    layer, key = 1, 3
+    assert main(_show(run_dir, "--layer", str(layer), "--key", str(key), "--samples", "2")) == 0
+    first, *rest = _stats_lines(capsys.readouterr().out)
+    counts = atlas.histogram(layer, key)["count"].tolist()
+    edges = atlas.histogram_edges(layer).tolist()
+    row = atlas.stats(layer, key).iloc[0]
+    assert first.startswith(f"histogram [{edges[0]:+.3g}, {edges[-1]:+.3g}] {sparkline(counts)} ({len(counts)} bins")
+    threshold = atlas.stats_settings["density_threshold"]
+    assert f"density {row['density']:.4g} (|m| > {threshold:g})" in first and f"n {int(row['count']):,}" in first
+    assert f"mean {row['mean']:+.4g}" in first and f"std {row['std']:.4g}" in first
+    samples = atlas.quantile_examples(layer, key)
+    groups = [line for line in rest if line.startswith("  group ")]
+    assert [int(g.split()[1]) for g in groups] == sorted(samples["group"].unique().tolist())
+    printed = [line for line in rest if line.startswith("     m=")]
+    expected = samples.groupby("group", sort=True).head(2)
+    assert len(printed) == len(expected) > 0
+    for line, s in zip(printed, expected.itertuples(index=False), strict=True):
+        example = TriggerExample(s.unit_id, s.doc_id, s.position, s.coefficient, s.text, None, None)
+        before, token = atlas.prefix_parts(example)
+        assert line.startswith(f"     m={s.coefficient:+.4g}  ") and line.endswith(f"[[{printable(token)}]]"), line
+        assert printable(before)[-20:] in line
+
+
+def test_show_of_a_run_without_statistics_prints_the_card_and_a_note(run_dir, tmp_path, capsys) -> None:
+    old = without_stats(run_dir, tmp_path / "old")
+    assert main(_show(old, "--layer", "1", "--key", "3", "--color", "never")) == 0
+    card = RunFolder(old).card(1, 3, examples=10)
+    assert capsys.readouterr().out == format_card(card, color=False) + "\n" + NO_STATS + "\n"

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ffkv_lens.browser.memory_stats import fill_stats
 from ffkv_lens.browser.text import context_keys, decode_contexts, decode_tokens, normalize_token
 from ffkv_lens.errors import RunFolderError
 from ffkv_lens.storage import read_json
@@ -48,8 +49,10 @@ def fill_index(conn: sqlite3.Connection, folder: Path, *, progress: bool = False
         found = _insert_memories(conn, folder, atlas, parts, dtypes)
         bar.update()
         _insert_layers(conn)
+        found.update(fill_stats(conn, atlas))
         bar.update()
-    return {**_meta(folder, atlas, found, n_examples=int(keys.size), contexts=contexts), "dtypes": dtypes}
+    meta = _meta(folder, atlas, found, n_examples=int(keys.size), contexts=contexts)
+    return {**meta, "dtypes": dtypes, "stats_settings": atlas.stats_settings if found["stats"] else None}
 
 
 def _example_parts(atlas: Any) -> list[dict[str, Any]]:

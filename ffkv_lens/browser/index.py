@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ffkv_lens.browser.memory_stats import STATS_SCHEMA
 from ffkv_lens.browser.text import normalize_token
 from ffkv_lens.errors import RunFolderError
 from ffkv_lens.storage import read_json
@@ -39,7 +40,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 INDEX_NAME = BROWSER_INDEX  # RUN_DIR/browser.sqlite (ffkv_lens.storage.layout)
-SCHEMA_VERSION = 2  # 2: examples packed per (memory, sign), reverse lookup per context
+SCHEMA_VERSION = 3  # 2: examples packed per (memory, sign), reverse lookup per context; 3: per-memory statistics
 STALE_TEMP_SECONDS = 3600  # leftovers of killed builds older than this are removed on the next build
 _TABLE_FILES = ("agreement_per_memory.csv", "mutation_per_key.csv", "agreement_per_layer.csv", "mutation_per_layer.csv")
 
@@ -76,6 +77,7 @@ CREATE TABLE context_examples(              -- the reverse lookup: one row per c
 CREATE VIRTUAL TABLE context_fts USING fts5(text, content='', tokenize='unicode61 remove_diacritics 2');
 CREATE VIRTUAL TABLE value_fts USING fts5(top, bottom, content='', tokenize='unicode61 remove_diacritics 2');
 """
+SCHEMA += STATS_SCHEMA  # per-memory statistics: ffkv_lens.browser.memory_stats
 _INDEXES = """
 CREATE INDEX tokens_norm ON tokens(norm);
 INSERT INTO context_fts(context_fts) VALUES('optimize');

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from ffkv_lens.browser.index import normalize_token
+from ffkv_lens.browser.memory_stats import list_memories, memory_stats
 from ffkv_lens.errors import ConfigError, RunFolderError
 
 __all__ = ["MAX_LIMIT", "MAX_QUERY_CHARS", "TEXT_SEARCH_CONTEXTS", "BrowserIndex"]
@@ -129,7 +130,13 @@ class BrowserIndex(ReadOnlyIndex):
             "scores": {name: row[name] for name in (*scores, "mutation_kind")},
             "examples": examples,
             "neighbours": self._neighbours(layer, key, memory_id, row),
+            "stats": memory_stats(self.conn, memory_id, layer),
         }
+
+    def memories(self, layer: int, **options: Any) -> dict[str, Any]:
+        """One layer's memories sorted and filtered by density (options: :func:`.memory_stats.list_memories`)."""
+        self.memory_id(layer, 0)  # the layer is in the index
+        return list_memories(self.conn, layer, **options)
 
     def top_tokens(self, memories: list[tuple[int, int]], n: int) -> dict[tuple[int, int], list[str]]:
         """The first ``n`` top value tokens of each (layer, key) in the index (others are left out)."""

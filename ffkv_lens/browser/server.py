@@ -16,7 +16,11 @@ for :data:`REQUEST_TIMEOUT` seconds is closed, so a half-sent request cannot hol
 - ``/api/runs``: the runs (label, model, layers, d_mlp, k) and comparisons served; the default run.
 - ``/api/info[?run=R]``: model, layers, d_mlp, k, what the run folder holds.
 - ``/api/layers[?run=R]``: per-layer summary.
-- ``/api/memory?layer=L&key=K[&run=R]``: one memory (examples, value tokens, scores, neighbours).
+- ``/api/memory?layer=L&key=K[&run=R]``: one memory (examples, value tokens, scores, neighbours, statistics).
+- ``/api/memories?layer=L[&sort=density|mean|std|count|key][&order=desc|asc][&min_density=X][&max_density=Y]
+  [&limit=N][&run=R]``: a layer's memories sorted and filtered by their statistics.
+- ``/api/memory/tokens?layer=L&key=K[&run=R]``: with a model only, the memory's coefficient at every token of
+  its quantile samples, recomputed (:mod:`ffkv_lens.browser.token_coefficients`); 400 without a model.
 - ``/api/matches?layer=L&key=K[&run=R]``: the memory's matches in the other runs (comparisons).
 - ``/api/search/token?q=TOKEN[&sign=1|-1][&limit=N][&run=R]``: memories whose value promotes the token.
 - ``/api/search/text?q=TEXT[&limit=N][&run=R]``: memories whose trigger examples contain the text.
@@ -52,6 +56,7 @@ from urllib.parse import parse_qs, urlsplit
 from ffkv_lens.browser.catalog import Catalog
 from ffkv_lens.browser.prompt import PROMPT_ROUTES, PromptModel
 from ffkv_lens.browser.queries import DEFAULT_LIMIT, BrowserIndex
+from ffkv_lens.browser.token_coefficients import sample_token_coefficients
 from ffkv_lens.errors import ConfigError
 
 __all__ = ["MAX_BODY", "REQUEST_TIMEOUT", "BrowserServer"]
@@ -162,6 +167,26 @@ def _memory(index: BrowserIndex, p: dict[str, str]) -> Any:
     return index.memory(_int(p, "layer"), _int(p, "key"))
 
 
+def _float(params: dict[str, str], name: str) -> float | None:
+    if name not in params or params[name] == "":
+        return None
+    try:
+        value = float(params[name])
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={params[name]!r} is not a finite number; pass e.g. {name}=0.05.")
+    return value
+
+
+def _memories(index: BrowserIndex, p: dict[str, str]) -> Any:
+    return index.memories(
+        _int(p, "layer"), sort=p.get("sort", "density"), order=p.get("order", "desc"),
+        min_density=_float(p, "min_density"), max_density=_float(p, "max_density"),
+        limit=_int(p, "limit", DEFAULT_LIMIT),
+    )  # fmt: skip
+
+
 def _token(index: BrowserIndex, p: dict[str, str]) -> Any:
     return index.search_token(p.get("q", ""), sign=_int(p, "sign", 1), limit=_int(p, "limit", DEFAULT_LIMIT))
 
@@ -179,8 +204,16 @@ _RUN_ROUTES: dict[str, tuple[tuple[str, ...], Callable[[BrowserIndex, dict[str, 
     "/api/info": ((), lambda index, p: index.info()),
     "/api/layers": ((), lambda index, p: {"layers": index.layer_summary()}),
     "/api/memory": (("layer", "key"), _memory),
+    "/api/memories": (("layer", "sort", "order", "min_density", "max_density", "limit"), _memories),
     "/api/search/token": (("q", "sign", "limit"), _token),
     "/api/search/text": (("q", "limit"), _text),
+}
+# Routes over one run's index and the model: path -> (allowed parameters besides run, handler).
+_MODEL_ROUTES: dict[str, tuple[tuple[str, ...], Callable[[Any, str, BrowserIndex, dict[str, str]], Any]]] = {
+    "/api/memory/tokens": (
+        ("layer", "key"),
+        lambda prompt, run, index, p: sample_token_coefficients(prompt, run, index, _int(p, "layer"), _int(p, "key")),
+    ),
 }
 # Routes over the whole catalog: path -> (allowed parameters, handler).
 _CATALOG_ROUTES: dict[str, tuple[tuple[str, ...], Callable[[Catalog, dict[str, str]], Any]]] = {
@@ -213,7 +246,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(403, {"error": f"Host {host!r} is not this server; open {self.server.url}."})
         elif url.path in ("/", "/index.html"):
             self._send(200, self.server.page, "text/html; charset=utf-8", {"Content-Security-Policy": _PAGE_CSP})
-        elif url.path in _RUN_ROUTES or url.path in _CATALOG_ROUTES:
+        elif url.path in _RUN_ROUTES or url.path in _CATALOG_ROUTES or url.path in _MODEL_ROUTES:
             self._api(url.path, url.query)
         elif url.path in PROMPT_ROUTES:
             self._json(405, {"error": f"{url.path} takes a POST with a JSON body (see docs/browser.md)."})
@@ -228,6 +261,8 @@ class _Handler(BaseHTTPRequestHandler):
                 body = on_catalog(catalog, _params(query, allowed))
                 if path == "/api/runs":
                     body["prompt"] = None if self.server.prompt is None else self.server.prompt.info()
+            elif path in _MODEL_ROUTES:
+                body = self._model_api(path, query)
             else:
                 allowed, on_index = _RUN_ROUTES[path]
                 params = _params(query, (*allowed, "run"))
@@ -240,6 +275,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(500, {"error": f"the index could not answer ({err}); rebuild it with `ffkv-lens browse`."})
         else:
             self._json(200, body)
+
+    def _model_api(self, path: str, query: str) -> Any:
+        """A GET route over one run's index that also needs the model (``browse --model``)."""
+        allowed, on_model = _MODEL_ROUTES[path]
+        params = _params(query, (*allowed, "run"))
+        label = params.pop("run", None)
+        with self.server.catalog.open(label) as index:
+            return on_model(self.server.prompt, label or self.server.catalog.default, index, params)
 
     def do_POST(self) -> None:  # noqa: N802 (http.server's name)
         path, prompt = urlsplit(self.path).path, self.server.prompt

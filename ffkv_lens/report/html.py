@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ffkv_lens.report.memories import CATEGORIES, MemoryCard, RunFolder, printable
+from ffkv_lens.report.memory_stats import card_histograms
 from ffkv_lens.storage import atomic_write_bytes
 from ffkv_lens.storage.layout import MANIFEST, RUN_STEPS
 
@@ -123,6 +124,8 @@ mark.peak { background: #ffd54a; color: #000; padding: 0 1px; border-radius: 2px
 .next, .tok { white-space: pre; background: #eef3fb; border: 1px solid #d5e0f2; border-radius: 3px;
   padding: 0 3px; font-size: 12px; }
 .tok.neg { background: #fbeeee; border-color: #f0d3d3; } .tok small { color: var(--mute); }
+.hist { margin: 4px 0 0; } .hist svg { display: block; max-width: 100%; height: auto; }
+.hist-note { font-size: 12px; color: var(--mute); margin: 0; }
 .tokens { font-size: 12px; margin: 2px 0; line-height: 1.9; } .tokens .lbl { color: var(--mute); margin-right: 4px; }
 """
 
@@ -337,7 +340,8 @@ def _gallery(run: RunFolder, per_category: int, examples: int) -> str:
                 parts.append(_not_run(f"not run (the {CATEGORIES[pick.category][1]} step did not finish)"))
                 continue
             parts.append(f'<p class="note">{_e(pick.note)}</p>')
-            cards = [_card(run.card(layer, key, examples=examples)) for key in pick.keys]
+            histograms = card_histograms(run.atlas, layer, pick.keys)
+            cards = [_card(run.card(layer, key, examples=examples), histograms[key]) for key in pick.keys]
             parts.append(f'<div class="cards">{"".join(cards)}</div>')
         parts.append("</details>")
     return "".join(parts)
@@ -348,8 +352,8 @@ def _tok(text: str, logit: float | None = None, neg: bool = False) -> str:
     return f'<code class="tok{" neg" if neg else ""}"{title}>{_e(printable(text) or "∅")}</code>'
 
 
-def _card(card: MemoryCard) -> str:
-    """One memory as an HTML card (every piece of text escaped)."""
+def _card(card: MemoryCard, histogram: str = "") -> str:
+    """One memory as an HTML card (every piece of text escaped); ``histogram``: its trusted HTML block."""
     metrics = []
     if card.agreement is not None and card.examples and card.examples[0].next_token is not None:
         a = card.agreement
@@ -383,7 +387,7 @@ def _card(card: MemoryCard) -> str:
     return (
         f'<article class="card"><h4>L{_e(card.layer)} · key {_e(card.key)}</h4>'
         f'<p class="metrics">{_e(" · ".join(metrics))}</p>'
-        f"<ol>{''.join(items) or '<li>no trigger examples</li>'}</ol>{values}</article>"
+        f"<ol>{''.join(items) or '<li>no trigger examples</li>'}</ol>{values}{histogram}</article>"
     )
 
 

@@ -12,6 +12,7 @@ from ffkv_lens.browser import BrowserServer, open_catalog, open_index
 from ffkv_lens.comparison import compare
 from ffkv_lens.pipeline import RunConfig, run_study
 from tests.factories import TEXT
+from tests.report.runs import without_stats
 
 # Accented letters and an emoji are split across byte-level tokens, so some units take the
 # per-prefix decoding path of ffkv_lens.browser.text and others the offset path.
@@ -23,7 +24,7 @@ def _tiny_run(family: str, tiny_folder, tmp_path_factory) -> Path:
     corpus.write_text((TEXT + "\n" + EXTRA + "\n") * 3, encoding="utf-8")
     config = RunConfig(
         model=str(tiny_folder(family)), corpus=str(corpus), k=4, keys_per_layer=8, examples=4, positions=16,
-        max_tokens=2000,
+        max_tokens=2000, quadrants=family == "llama",
     )  # fmt: skip
     # Both run folders are named "run": browsing them side by side labels them "run" and "run-2".
     return run_study(config, tmp_path_factory.mktemp(f"browser-run-{family}") / "run", progress=False)
@@ -36,7 +37,7 @@ def tiny_run(tiny_folder, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_run_b(tiny_folder, tmp_path_factory) -> Path:
-    """A second run, of another family (Llama); same sizes (3 layers x 64 keys) as ``tiny_run``."""
+    """A second run, of another family (Llama, gated: searched with quadrants); 3 layers x 64 keys as ``tiny_run``."""
     return _tiny_run("llama", tiny_folder, tmp_path_factory)
 
 
@@ -64,6 +65,17 @@ def tiny_index(tiny_run) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_index_b(tiny_run_b) -> Path:
+    return open_index(tiny_run_b)
+
+
+@pytest.fixture(scope="session")
+def old_index(tiny_run, tmp_path_factory) -> Path:
+    """The index of ``tiny_run`` copied as a run folder from before per-memory statistics."""
+    return open_index(without_stats(tiny_run, tmp_path_factory.mktemp("browser-old") / "run"))
+
+
+@pytest.fixture(scope="session")
 def tiny_atlas(tiny_run):
     from ffkv_lens.analysis.atlas import TriggerAtlas
 
@@ -84,6 +96,18 @@ def _serve(source, **options) -> Iterator[BrowserServer]:
 def server(tiny_index) -> Iterator[BrowserServer]:
     """The browser server of ``tiny_run`` on a free port, serving in a thread."""
     yield from _serve(tiny_index)
+
+
+@pytest.fixture()
+def server_b(tiny_index_b) -> Iterator[BrowserServer]:
+    """The browser server of ``tiny_run_b`` (gated, with quadrants)."""
+    yield from _serve(tiny_index_b)
+
+
+@pytest.fixture()
+def old_server(old_index) -> Iterator[BrowserServer]:
+    """The browser server of ``old_index`` (a run without statistics)."""
+    yield from _serve(old_index)
 
 
 @pytest.fixture()

@@ -18,7 +18,7 @@ PAGE_FILL = 0.9  # rows are inserted in key order, so leaf pages end nearly full
 
 def test_memory_query_returns_every_atlas_example_with_its_exact_coefficient(tiny_index, tiny_atlas) -> None:
     with BrowserIndex(tiny_index) as index:
-        assert index.meta["schema"] == SCHEMA_VERSION == 2
+        assert index.meta["schema"] == SCHEMA_VERSION == 3
         checked = 0
         for layer in tiny_atlas.layers:
             for key in range(tiny_atlas.d_mlp):

@@ -35,3 +35,13 @@ def copy_run(folder: Path, dest: Path, *, drop_steps: tuple[str, ...] = (), drop
         for path in dest.glob(pattern):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     return dest
+
+
+def without_stats(folder: Path, dest: Path) -> Path:
+    """A copy of a run folder as written before per-memory statistics: no ``stats.safetensors``, no manifest entry."""
+    copy_run(folder, dest, drop=("atlas/stats.safetensors", "browser.sqlite", "report.html"))
+    path = dest / "atlas" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest.pop("stats", None)
+    path.write_text(json.dumps(manifest))
+    return dest

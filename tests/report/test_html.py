@@ -14,12 +14,12 @@ from ffkv_lens.report.figures import FIGURES
 from ffkv_lens.report.html import _card, _number
 from ffkv_lens.report.memories import ANALYSIS_STEPS, CATEGORIES, ExampleView, MemoryCard
 from ffkv_lens.storage.layout import RUN_STEPS as STEPS
-from tests.report.runs import HOSTILE, build_tiny_run, copy_run
+from tests.report.runs import HOSTILE, build_tiny_run, copy_run, without_stats
 
 TAGS = {
     "html", "head", "meta", "title", "style", "body", "header", "h1", "h2", "h3", "h4", "p", "code", "nav", "a",
     "main", "section", "table", "tr", "td", "th", "small", "div", "span", "details", "summary", "pre", "figure",
-    "img", "figcaption", "article", "ol", "li", "mark", "footer", "b",
+    "img", "figcaption", "article", "ol", "li", "mark", "footer", "b", "svg", "g", "rect", "line", "text",
 }  # fmt: skip
 
 
@@ -178,3 +178,30 @@ def test_cards_without_the_value_projection(run_dir, tmp_path) -> None:
 )  # fmt: skip
 def test_number_format(value, text) -> None:
     assert _number(value) == text
+
+
+_CARD = re.compile(r'<article class="card"><h4>L(\d+) · key (\d+)</h4>(.*?)</article>', re.S)
+_BAR = re.compile(r'<rect x="[-0-9.]+" y="[-0-9.]+" width="[-0-9.]+" height="([-0-9.]+)"')
+
+
+def test_gallery_cards_carry_the_memory_histogram(page, run_dir) -> None:
+    atlas = RunFolder(run_dir).atlas
+    cards = _CARD.findall(page)
+    assert cards and atlas.has_stats
+    for layer, key, body in cards:
+        counts = [c for c in atlas.histograms(int(layer))[int(key)].tolist() if c > 0]  # empty bins draw nothing
+        assert body.count('<svg class="histogram"') == 1, (layer, key)
+        heights = [float(h) for h in _BAR.findall(body)]
+        assert len(heights) == len(counts)
+        for h, c in zip(heights, counts, strict=True):  # linear count scale, to the drawing's 0.01 px
+            assert abs(h - max(heights) * c / max(counts)) <= 0.01
+        density = atlas.stats(int(layer), int(key)).iloc[0]["density"]
+        assert f"density {density:.3g}" in body
+
+
+def test_report_of_a_run_without_statistics_notes_them_not_recorded(run_dir, tmp_path) -> None:
+    old = without_stats(run_dir, tmp_path / "old")
+    text = (write_report(old)).read_text(encoding="utf-8")
+    cards = _CARD.findall(text)
+    assert cards and all("histogram: not recorded in this run" in body for _, _, body in cards)
+    assert "<svg" not in text
