@@ -163,6 +163,7 @@ def summarise(
     per_example = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["layer", "key"])
     if len(per_example):
         _decode(adapter, per_example, ["next_token_id", "value_token_id", "control_value_token_id"])
+        per_example = per_example[["layer", *[c for c in per_example.columns if c != "layer"]]]
         per_memory = _per_memory(per_example, agreement)
     else:
         per_memory = pd.DataFrame(columns=["layer", "key", *EFFECTS, "beats_control", "agrees", "precision_at_k"])
