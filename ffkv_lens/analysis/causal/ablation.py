@@ -246,6 +246,23 @@ def ablate(
     return Ablations(m, clean_logp, clean_logp - ablated, direct, frozen, seconds)
 
 
+def _clean_alone(adapter: MemoryAdapter, layer: int, tokens: Tensor) -> tuple[Tensor, CleanRuns]:
+    """One clean forward pass of one prefix: the model's own last-position log p and what :class:`CleanRuns` keeps."""
+    hooks, readout = adapter.hook_names(layer), adapter.readout_hooks()
+    names = [n for n in (hooks.coefficients, readout.resid, readout.norm_scale, hooks.post_ffn_scale) if n]
+    acts: dict[str, Tensor] = {}
+
+    def keep(tensor: Tensor, hook: Any) -> None:
+        acts[hook.name] = tensor.detach()[:, -1].reshape(1, -1).double().cpu()
+
+    logits = adapter.run_with_hooks(tokens, [(name, keep) for name in names])
+    if logits is None or set(names) - set(acts):
+        raise HookNotFiredError(f"The hooks {sorted(set(names) - set(acts))} did not fire.")
+    post = acts[hooks.post_ffn_scale][:, 0] if hooks.post_ffn_scale is not None else None
+    clean = CleanRuns(acts[hooks.coefficients], post, acts[readout.resid], acts[readout.norm_scale][:, 0])
+    return logits[0, -1].double().log_softmax(-1).cpu(), clean
+
+
 def ablate_one_by_one(
     adapter: MemoryAdapter,
     layer: int,
@@ -253,13 +270,16 @@ def ablate_one_by_one(
     pair_prefix: Int[Tensor, " pairs"],
     pair_key: Int[Tensor, " pairs"],
     targets: Int[Tensor, "pairs targets"],
+    *,
+    frozen_from_contributions: bool = True,
 ) -> Ablations:
     """The reference of :func:`ablate`: per pair, a clean and an ablated forward pass of its prefix alone.
 
     The ablation is an :class:`~ffkv_lens.analysis.interventions.Edit` (``zero`` at the last
-    position) under :func:`~ffkv_lens.analysis.interventions.intervene`, log p comes from the
-    model's own logits, and the frozen direct effect from
-    :func:`~ffkv_lens.analysis.contributions.contributions`. Slow: for tests and benchmarks.
+    position) under :func:`~ffkv_lens.analysis.interventions.intervene`, and log p comes from the
+    model's own logits. With ``frozen_from_contributions`` the frozen direct effect is read from
+    :func:`~ffkv_lens.analysis.contributions.contributions` (one more forward pass per target: for
+    tests); without, it is derived from the clean pass as :func:`ablate` does (for benchmarks).
     """
     from ffkv_lens.analysis.contributions import contributions
     from ffkv_lens.analysis.interventions.edits import Edit, intervene
@@ -267,22 +287,20 @@ def ablate_one_by_one(
     check_causal(adapter)
     _check_pairs(len(prefixes), pair_prefix, pair_key, targets, adapter.d_mlp)
     start = time.perf_counter()
-    n = pair_prefix.numel()
     out = {name: torch.zeros(targets.shape, dtype=torch.float64) for name in ("clean", "total", "direct", "frozen")}
-    coefficient = torch.zeros(n, dtype=torch.float64)
+    coefficient = torch.zeros(pair_prefix.numel(), dtype=torch.float64)
     for i, (p, key) in enumerate(zip(pair_prefix.tolist(), pair_key.tolist(), strict=True)):
         tokens = torch.tensor([prefixes[p]], device=adapter.device)
-        clean = clean_runs(adapter, layer, [prefixes[p]])
         with torch.no_grad():
-            logp = adapter.run_with_hooks(tokens, [])[0, -1].double().log_softmax(-1).cpu()
+            logp, clean = _clean_alone(adapter, layer, tokens)
             with intervene(adapter, [Edit.zero(layer, key, positions=(tokens.shape[1] - 1,))]):
                 ablated = adapter.run_with_hooks(tokens, [])[0, -1].double().log_softmax(-1).cpu()
         out["clean"][i], out["total"][i] = logp[targets[i]], (logp - ablated)[targets[i]]
-        coefficient[i], _, direct, _ = _direct(
+        coefficient[i], _, direct, frozen = _direct(
             adapter, layer, clean, torch.tensor([0]), pair_key[i : i + 1], targets[i : i + 1]
         )
-        out["direct"][i] = direct[0]
-        for j, token in enumerate(targets[i].tolist()):
+        out["direct"][i], out["frozen"][i] = direct[0], frozen[0]
+        for j, token in enumerate(targets[i].tolist() if frozen_from_contributions else []):
             table = contributions(adapter, tokens, position=-1, token=token, top=None, layers=[layer], top_tokens=0)
             out["frozen"][i, j] = float(table.loc[table.key == key, "contribution"].iloc[0])
     seconds = time.perf_counter() - start
