@@ -40,6 +40,7 @@ from ffkv_lens.errors import ConfigError, HookNotFiredError
 __all__ = ["Ablations", "CleanRuns", "ablate", "ablate_one_by_one", "clean_runs"]
 
 Prefix = tuple[int, ...]
+READOUT_ROWS = 64  # residual rows read out at once: 64 x d_vocab float64 logits (128 MiB at Gemma's 262k tokens)
 
 
 @dataclass(frozen=True)
@@ -127,11 +128,15 @@ def clean_runs(
     return CleanRuns(joined[hooks.coefficients], post, joined[readout.resid], joined[readout.norm_scale][:, 0])
 
 
-def _logp(adapter: MemoryAdapter, resid: Tensor, targets: Tensor) -> Tensor:
-    """Log p of ``targets [rows, n]`` from final residuals ``[rows, d_model]`` (the model's readout)."""
-    with torch.no_grad():
-        logits = adapter.readout(resid.to(adapter.device, adapter.unembedding().dtype)).double()
-    return logits.log_softmax(-1).gather(1, targets.to(logits.device)).cpu()
+def _logp(adapter: MemoryAdapter, resid: Tensor, targets: Tensor, chunk: int = READOUT_ROWS) -> Tensor:
+    """Log p of ``targets [rows, n]`` from final residuals ``[rows, d_model]`` (the model's readout), in row chunks."""
+    out = []
+    dtype = adapter.unembedding().dtype
+    for start in range(0, resid.shape[0], chunk):
+        with torch.no_grad():
+            logits = adapter.readout(resid[start : start + chunk].to(adapter.device, dtype)).double()
+        out.append(logits.log_softmax(-1).gather(1, targets[start : start + chunk].to(logits.device)).cpu())
+    return torch.cat(out) if out else torch.zeros(targets.shape, dtype=torch.float64)
 
 
 def _frozen(adapter: MemoryAdapter, layer: int, m: Tensor, scale: Tensor, keys: Tensor, targets: Tensor) -> Tensor:
