@@ -11,7 +11,10 @@ splitting and tokenising (characters/s, on its first documents). Each step's siz
 - mutation: the distinct units among ``n_layers keys_per_layer examples`` trigger examples, each
   run about ``MUTATION_RUNS`` times (forward); trigger examples crowd into few units, so the
   distinct units are taken as ``min(units, MUTATION_SPREAD sqrt(examples units))`` of the ``units``
-  searched.
+  searched;
+- causal: ``n_layers causal_keys_per_layer causal_examples`` trigger prefixes (about half a unit long),
+  each run about ``CAUSAL_RUNS`` times (forward: its clean pass, its memory's and its control's
+  ablation) and read out ``CAUSAL_READOUTS`` times (products).
 
 The two pass factors (the work on each logit besides the product: log-sum-exp, argmax, top-k,
 rank counts) and ``MUTATION_SPREAD`` were fitted to `make demo` and to a run at the paper's sizes on the
@@ -34,6 +37,8 @@ VALUE_PASSES = 2.2
 READOUT_PASSES = 1.5
 MUTATION_RUNS = 4.4
 MUTATION_SPREAD = 0.12
+CAUSAL_RUNS = 3.0
+CAUSAL_READOUTS = 6.0
 _SAMPLE_CHARS = 50_000
 _COUNT_SECONDS = 3.0
 
@@ -134,10 +139,13 @@ def step_seconds(rates: Rates, lens: Any, config: Any) -> dict[str, float | None
     examples = lens.n_layers * config.keys_per_layer * config.examples
     distinct = min(units, MUTATION_SPREAD * (examples * units) ** 0.5)
     mutation_tokens = distinct * MUTATION_RUNS * rates.mean_unit_tokens
+    prefixes = lens.n_layers * config.causal_keys_per_layer * config.causal_examples
+    causal = prefixes * (CAUSAL_RUNS * rates.mean_unit_tokens / 2 / rates.forward_tokens + CAUSAL_READOUTS * readout)
     return {
         "triggers": None if search_tokens is None else search_tokens * per_token,
         "values": values,
         "dynamics": None if corpus_pass is None else dynamics + corpus_pass,
+        "causal": causal,
         "mutation": mutation_tokens / rates.forward_tokens,
     }
 

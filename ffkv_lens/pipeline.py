@@ -6,9 +6,10 @@ Steps, each written atomically and skipped when a re-run finds it done:
 2. ``values``: value projection, with the agreement's target ranks -> ``values/``
 3. ``dynamics``: composition and residual vs FFN (section 5), one pass -> ``tables/composition_*``, ``residual_*``
 4. ``agreement``: value/trigger agreement (paper section 4) -> ``tables/agreement_*``
-5. ``mutation``: shallow vs semantic keys (section 3.2) -> ``tables/mutation_*``
-6. ``figures``: PNG + SVG per analysis (``ffkv_lens.report.figures.write_figures``) -> ``figures/``
-7. ``report``: one self-contained HTML page (settings, figures, tables, memory gallery) -> ``report.html``
+5. ``causal``: causal agreement, memories ablated on their triggers (docs/causal.md) -> ``tables/causal_*``
+6. ``mutation``: shallow vs semantic keys (section 3.2) -> ``tables/mutation_*``
+7. ``figures``: PNG + SVG per analysis (``ffkv_lens.report.figures.write_figures``) -> ``figures/``
+8. ``report``: one self-contained HTML page (settings, figures, tables, memory gallery) -> ``report.html``
 
 The names, their order and the folder's entries are defined once, in ``ffkv_lens.storage.layout``
 (``RUN_STEPS``, ``RunPaths``); ``STEPS`` here is ``RUN_STEPS``.
@@ -53,6 +54,8 @@ POSITIVE_FIELDS = (
     "top_k",
     "keys_per_layer",
     "examples",
+    "causal_keys_per_layer",
+    "causal_examples",
     "positions",
     "batch_tokens",
     "checkpoint_every",
@@ -80,6 +83,9 @@ class RunConfig:
         keys_per_layer: Keys per layer in the mutation test (the paper: 100 x 50 examples; times in
             docs/performance.md).
         examples: Trigger examples per key in the mutation test.
+        causal_keys_per_layer: Memories sampled per layer in the causal agreement (each ablated on its
+            top trigger examples, beside a matched control; docs/causal.md).
+        causal_examples: Top trigger examples per memory in the causal agreement.
         positions: Sampled positions for composition and residual dynamics.
         seed: Seed of every sampled quantity.
         device: ``"cpu"``, ``"cuda"``... (None: cuda if available).
@@ -107,6 +113,8 @@ class RunConfig:
     top_k: int = 10
     keys_per_layer: int = 20
     examples: int = 10
+    causal_keys_per_layer: int = 10
+    causal_examples: int = 5
     positions: int = 1000
     seed: int = 0
     device: str | None = None
@@ -403,6 +411,24 @@ def _run_steps(run: _Run, lens: Any, corpus: Any, progress: bool, say: Callable[
             _write_result(run, "agreement_signed", signed, {"per_layer": "agreement_signed_per_layer"})
         return out
 
+    def causal() -> dict[str, Any]:
+        from ffkv_lens.analysis.causal import causal_agreement
+        from ffkv_lens.storage.reading import read_table
+
+        correlational = read_table(paths.table("agreement_per_memory"), lineterminator="\n")
+        result = causal_agreement(
+            lens,
+            atlas,
+            keys_per_layer=c.causal_keys_per_layer,
+            examples=c.causal_examples,
+            seed=c.seed,
+            agreement=correlational,
+            progress=progress,
+        )
+        return _write_result(
+            run, "causal", result, {"per_layer": "causal_per_layer", "per_memory": "causal_per_memory"}
+        )
+
     def mutation() -> dict[str, Any]:
         result = mutation_test(
             lens,
@@ -419,6 +445,7 @@ def _run_steps(run: _Run, lens: Any, corpus: Any, progress: bool, say: Callable[
     with main_section(here, last=True):
         atlas = TriggerAtlas.load(paths.atlas)
         run.step("agreement", agreement, say)
+        run.step("causal", causal, say)
         run.step("mutation", mutation, say)
         run.step("figures", lambda: write_figures(folder, lens.n_layers), say)
         run.step("report", lambda: _finish(run, write_report), say)

@@ -40,6 +40,18 @@ def test_show_prints_examples_with_the_peak_marked(run_dir, capsys) -> None:
     assert "mutation test: " in out and "agreement: " in out and "\x1b[" not in out
 
 
+def test_show_prints_the_causal_score_of_a_sampled_memory(run_dir, capsys) -> None:
+    run = RunFolder(run_dir)
+    sampled = run.table("causal_per_memory")
+    row = sampled[sampled["layer"] == 1].iloc[0]
+    assert main(_show(run_dir, "--layer", "1", "--key", str(int(row["key"])))) == 0
+    out = capsys.readouterr().out
+    assert f"causal score {row['causal_score']:+.4g} (zeroed on {int(row['n_examples'])} trigger examples" in out
+    untested = next(k for k in range(run.manifest["layout"]["d_mlp"]) if k not in set(sampled["key"]))
+    assert main(_show(run_dir, "--layer", "1", "--key", str(untested))) == 0
+    assert "causal score" not in capsys.readouterr().out
+
+
 def test_show_colour_and_negative_side(run_dir, capsys) -> None:
     assert main(_show(run_dir, "--layer", "0", "--key", "5", "--sign", "-1", "--color", "always")) == 0
     out = capsys.readouterr().out
@@ -58,7 +70,7 @@ def broken(run_dir, tmp_path_factory) -> dict:
     manifest = json.loads((unsigned / "atlas" / "manifest.json").read_text())
     manifest["settings"]["signed"] = False
     (unsigned / "atlas" / "manifest.json").write_text(json.dumps(manifest))
-    later = ("triggers", "values", "agreement", "mutation", "dynamics", "figures", "report")
+    later = ("triggers", "values", "agreement", "causal", "mutation", "dynamics", "figures", "report")
     no_atlas = copy_run(run_dir, root / "no-atlas", drop_steps=later, drop=("atlas", "values", "tables", "figures"))
     return {"root": root, "unsigned": unsigned, "no_atlas": no_atlas}
 

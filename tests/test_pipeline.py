@@ -27,11 +27,12 @@ def test_run_writes_every_step_and_refuses_to_overwrite(tiny_folder, corpus_file
     folder = run_study(_config(model, corpus_file), tmp_path / "run", progress=False)
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["status"] == "finished" and set(manifest["steps"]) == set(STEPS)
-    for table in ("agreement_per_layer", "mutation_per_layer", "composition_per_layer", "residual_per_layer"):
+    tables = ("agreement_per_layer", "mutation_per_layer", "composition_per_layer", "residual_per_layer")
+    for table in (*tables, "causal_per_layer", "causal_per_memory"):
         assert (folder / "tables" / f"{table}.csv").stat().st_size > 0
-    assert len(list((folder / "figures").glob("*.svg"))) == 6
+    assert len(list((folder / "figures").glob("*.svg"))) == 7
     assert manifest["steps"]["report"]["path"] == str(folder / "report.html")
-    assert (folder / "report.html").read_text(encoding="utf-8").count("data:image/svg+xml;base64,") == 6
+    assert (folder / "report.html").read_text(encoding="utf-8").count("data:image/svg+xml;base64,") == 7
     with pytest.raises(RunFolderError, match="finished run; pass --force"):
         run_study(_config(model, corpus_file), folder, progress=False)
     run_study(_config(model, corpus_file), folder, force=True, progress=False)
@@ -187,12 +188,14 @@ def test_estimates_price_each_step_from_its_size(tiny_bridge, corpus_file) -> No
     rates = measure_rates(lens, corpus, unit="sentence", max_len=128, batch_tokens=256)
     assert rates.forward_tokens > 0 and rates.product_flops > 0 and rates.corpus_chars == len(open(corpus_file).read())
     base = step_seconds(rates, lens, _config("m", "c"))
-    bigger = step_seconds(rates, lens, _config("m", "c", max_tokens=4000, positions=32, keys_per_layer=16))
-    for step in ("triggers", "dynamics", "mutation"):
+    bigger = step_seconds(
+        rates, lens, _config("m", "c", max_tokens=4000, positions=32, keys_per_layer=16, causal_examples=8)
+    )
+    for step in ("triggers", "dynamics", "mutation", "causal"):
         assert bigger[step] > base[step] > 0, step
     assert bigger["values"] == base["values"] > 0
     lines = describe_estimates(lens, corpus, _config("m", "c"))
-    assert [line.split()[0] for line in lines[1:-1]] == ["triggers", "values", "dynamics", "mutation"]
+    assert [line.split()[0] for line in lines[1:-1]] == ["triggers", "values", "dynamics", "causal", "mutation"]
 
 
 def test_encoding_errors_is_validated_and_part_of_the_identity() -> None:

@@ -11,6 +11,7 @@ carrying one as ``.adapter``, such as a :class:`~ffkv_lens.MemoryLens`), and unw
 - :mod:`ffkv_lens.analysis.checkpoint`: resumable search state.
 - :mod:`ffkv_lens.analysis.agreement`: value/trigger agreement (section 4).
 - :mod:`ffkv_lens.analysis.mutation`: the mutation test (section 3.2).
+- :mod:`ffkv_lens.analysis.causal`: causal agreement (ablations on triggers) and facts.
 - :mod:`ffkv_lens.analysis.dynamics` and :mod:`ffkv_lens.analysis.sampling`: section 5.
 
 The names below load their modules on first use, so importing one module of the core does not
@@ -22,8 +23,10 @@ from typing import Any
 
 __all__ = [
     "AgreementResult",
+    "CausalAgreementResult",
     "MutationConfig",
     "MutationResult",
+    "causal_agreement",
     "composition",
     "layer_dynamics",
     "mutation_test",
@@ -34,6 +37,8 @@ __all__ = [
 _LAZY = {
     "AgreementResult": "ffkv_lens.analysis.agreement",
     "value_agreement": "ffkv_lens.analysis.agreement",
+    "CausalAgreementResult": "ffkv_lens.analysis.causal.summary",
+    "causal_agreement": "ffkv_lens.analysis.causal.agreement",
     "composition": "ffkv_lens.analysis.dynamics",
     "layer_dynamics": "ffkv_lens.analysis.dynamics",
     "residual_agreement": "ffkv_lens.analysis.dynamics",

@@ -165,7 +165,7 @@ def _insert_memories(
     for sign, name in _SIGNS:
         counts = {(p["layer"], k): n for p in parts if p["sign"] == sign for k, n in _counts(p["key"])}
         frame[f"n_{name}"] = [counts.get(lk, 0) for lk in zip(frame.layer, frame.key, strict=True)]
-    found = {"values": False, "agreement": False, "mutation": False}
+    found = {"values": False, "agreement": False, "mutation": False, "causal": False}
     values = _values_frame(folder, layers)
     if values is not None:
         values = _insert_tokens(conn, atlas.tokenizer, values, d_mlp, dtypes)
@@ -179,11 +179,15 @@ def _insert_memories(
     if mutation is not None:
         frame = frame.merge(mutation.rename(columns={"kind": "mutation_kind"}), on=["layer", "key"], how="left")
         found["mutation"] = True
+    causal = _read_table(folder, "causal_per_memory", ["causal_score"])
+    if causal is not None:
+        frame = frame.merge(causal, on=["layer", "key"], how="left")
+        found["causal"] = True
     frame["id"] = frame.layer * d_mlp + frame.key
     columns = [
         "id", "layer", "key", "top_ids", "top_tokens", "top_logits", "bottom_ids", "bottom_tokens", "bottom_logits",
         "max_prob", "precision_at_k", "agrees", "next_rank", "top1_next_token", "shallow_score", "mutation_kind",
-        "n_top", "n_bottom",
+        "causal_score", "n_top", "n_bottom",
     ]  # fmt: skip
     frame = frame.reindex(columns=columns)
     frame = frame.astype(object).where(frame.notna(), None)
@@ -255,7 +259,7 @@ def _read_table(folder: Path, name: str, columns: list[str]) -> Any:
     if missing:
         log.warning("%s lacks columns %s; its scores are not shown", path, missing)
         return None
-    numbers = tuple(c for c in ("precision_at_k", "rank", "shallow_score") if c in columns)
+    numbers = tuple(c for c in ("precision_at_k", "rank", "shallow_score", "causal_score") if c in columns)
     frame = check_columns(frame, path, ints=("layer", "key"), numbers=numbers, fix=RUN_FIX)
     return frame[["layer", "key", *columns]]
 

@@ -40,9 +40,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 INDEX_NAME = BROWSER_INDEX  # RUN_DIR/browser.sqlite (ffkv_lens.storage.layout)
-SCHEMA_VERSION = 3  # 2: examples packed per (memory, sign), reverse lookup per context; 3: per-memory statistics
+SCHEMA_VERSION = 3  # 2: examples packed per (memory, sign), reverse lookup per context; 3: per-memory statistics, causal_score
 STALE_TEMP_SECONDS = 3600  # leftovers of killed builds older than this are removed on the next build
-_TABLE_FILES = ("agreement_per_memory.csv", "mutation_per_key.csv", "agreement_per_layer.csv", "mutation_per_layer.csv")
+_TABLE_FILES = (
+    "agreement_per_memory.csv", "mutation_per_key.csv", "agreement_per_layer.csv", "mutation_per_layer.csv",
+    "causal_per_memory.csv",
+)  # fmt: skip
 
 SCHEMA = """
 CREATE TABLE meta(name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -52,7 +55,7 @@ CREATE TABLE memories(
     top_ids BLOB, top_tokens TEXT, top_logits BLOB,           -- best first; tokens a JSON list
     bottom_ids BLOB, bottom_tokens TEXT, bottom_logits BLOB,  -- lowest first; ids and logits packed (meta dtypes)
     max_prob REAL, precision_at_k REAL, agrees INTEGER, next_rank INTEGER, top1_next_token TEXT,
-    shallow_score REAL, mutation_kind TEXT, n_top INTEGER NOT NULL, n_bottom INTEGER NOT NULL,
+    shallow_score REAL, mutation_kind TEXT, causal_score REAL, n_top INTEGER NOT NULL, n_bottom INTEGER NOT NULL,
     UNIQUE(layer, key));
 CREATE TABLE layers(
     layer INTEGER PRIMARY KEY, n_keys INTEGER, n_examples INTEGER, mean_max_prob REAL,

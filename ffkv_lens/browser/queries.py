@@ -127,7 +127,7 @@ class BrowserIndex(ReadOnlyIndex):
             "layer": layer,
             "key": key,
             "values": {side: self._value_tokens(row, side) for side in ("top", "bottom")},
-            "scores": {name: row[name] for name in (*scores, "mutation_kind")},
+            "scores": {name: row[name] for name in (*scores, "mutation_kind", "causal_score")},
             "examples": examples,
             "neighbours": self._neighbours(layer, key, memory_id, row),
             "stats": memory_stats(self.conn, memory_id, layer),

@@ -2,6 +2,7 @@
 
 from ffkv_lens.report.figures import (
     plot_agreement,
+    plot_causal,
     plot_composition,
     plot_mutation,
     plot_rank,
@@ -15,6 +16,7 @@ from ffkv_lens.report.memories import RunFolder
 __all__ = [
     "RunFolder",
     "plot_agreement",
+    "plot_causal",
     "plot_composition",
     "plot_mutation",
     "plot_rank",

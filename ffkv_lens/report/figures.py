@@ -24,6 +24,7 @@ __all__ = [
     "FIGURES",
     "missing_figures",
     "plot_agreement",
+    "plot_causal",
     "plot_composition",
     "plot_mutation",
     "plot_rank",
@@ -110,6 +111,48 @@ def plot_agreement(frame: Any, *, n_layers: int | None = None, x: XAxis = "layer
     return save_figure(fig, out)
 
 
+def plot_causal(frame: Any, *, n_layers: int | None = None, x: XAxis = "layer", out: Any = None) -> Any:
+    """Correlational vs causal agreement per layer (left) and the mean effect of memories vs controls (right).
+
+    Left: the share of sampled memories whose value token is their top trigger's next token
+    (correlational) and the share whose ablation lowers log p(next token) more than their matched
+    control's (causal, 95% band); 50% is what a memory no more causal than its control scores.
+    Right: mean total effect on log p(next token) of the memories and of their controls, 95% bands.
+    """
+    _require(frame, ["layer", "share_beats_control", "correlational_agreement", "total_next"], "plot_causal")
+    fig, (left, right) = _figure_pair("Correlational vs causal agreement", "Effect of zeroing a memory on its trigger")
+    xs = _x(left, frame, n_layers, x)
+    _x(right, frame, n_layers, x)
+    percent = frame.assign(**{c: frame[c] * 100 for c in frame.columns if c.startswith("share_beats_control")})
+    _line(left, xs, percent, "share_beats_control", "causal: beats its control", _PALETTE[0])
+    left.plot(xs, frame["correlational_agreement"] * 100, marker="s", ms=3, lw=1.5, color=_PALETTE[1],
+              label="correlational: value token = next token")  # fmt: skip
+    left.axhline(50, color="grey", ls="--", lw=1, label="no more causal than the control (50%)")
+    left.set_ylim(-2, 102)
+    left.set_ylabel("share of sampled memories (%)")
+    left.legend(fontsize=7)
+    _line(right, xs, frame, "total_next", "memory", _PALETTE[0])
+    if "control_total_next" in frame.columns:
+        _line(right, xs, frame, "control_total_next", "matched control", _PALETTE[5])
+    right.axhline(0, color="black", lw=0.8)
+    right.set_ylabel("log p(next) clean - ablated")
+    right.legend(fontsize=7)
+    return save_figure(fig, out)
+
+
+def _figure_pair(left_title: str, right_title: str) -> tuple[Any, tuple[Any, Any]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.6), dpi=110)
+    for ax, title in zip(axes, (left_title, right_title), strict=True):
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    return fig, (axes[0], axes[1])
+
+
 def plot_rank(frame: Any, *, n_layers: int | None = None, x: XAxis = "layer", out: Any = None) -> Any:
     """Fig 5: median rank of the top trigger's next token in the value's distribution."""
     _require(frame, ["layer", "median_rank"], "plot_rank")
@@ -189,6 +232,7 @@ def plot_residual_breakdown(frame: Any, *, n_layers: int | None = None, x: XAxis
 FIGURES = {
     "agreement": (plot_agreement, "agreement_per_layer"),
     "rank": (plot_rank, "agreement_per_layer"),
+    "causal": (plot_causal, "causal_per_layer"),
     "mutation": (plot_mutation, "mutation_per_layer"),
     "composition": (plot_composition, "composition_per_layer"),
     "residual": (plot_residual, "residual_per_layer"),

@@ -66,6 +66,17 @@ _ANALYSES = (
         ("agreement", "agreement_signed"),
     ),
     _Analysis(
+        "causal", "Causal agreement", "Do memories cause what their values read as?", "causal",
+        "Not in the paper (docs/causal.md). Sampled memories of each layer are zeroed at the peak of their top "
+        "trigger examples, one ablation per row of a batch, beside a matched control (a memory of the same layer "
+        "with a similar |m| at that position). Left: the share of memories whose ablation lowers log p of the "
+        "example's next token more than their control's (causal agreement, bootstrap 95% band; 50% = no more "
+        "causal than the control) beside the share whose value token is the top trigger's next token "
+        "(correlational agreement, the same memories). Right: the mean effect (clean - ablated) of the memories "
+        "and of their controls.",
+        (("causal", "Correlational vs causal agreement"),), (("causal_per_layer", "Per layer"),), ("causal",),
+    ),
+    _Analysis(
         "composition", "Composition (Fig 7-8)", "Composition within a layer", "dynamics",
         "Paper Fig 7-8. At sampled positions: the share of a layer's memories that are active, and how often no "
         "active memory's own prediction (its value's top token) is the layer's prediction. In the paper hundreds "
@@ -324,7 +335,8 @@ def _gallery(run: RunFolder, per_category: int, examples: int) -> str:
     parts = [
         '<p class="caption">Per layer, the memories that stand out in the agreement table (the value\'s top token '
         "is the next token of the key's top-1 trigger; precision@k over all its examples) and in the mutation test "
-        "(only the keys it tested). Each card: the key's top trigger examples with the peak token "
+        "(only the keys it tested) and the causal agreement (only the memories it sampled). Each card: the key's "
+        "top trigger examples with the peak token "
         '<mark class="peak">highlighted</mark> and the token that followed (→), the coefficient m, and the value\'s '
         "top and bottom tokens in the vocabulary (logit on hover).</p>",
         '<p class="layer-index">'
@@ -363,6 +375,8 @@ def _card(card: MemoryCard, histogram: str = "") -> str:
     if card.mutation is not None:
         m = card.mutation
         metrics.append(f"{m['kind']} (shallow_score {m['shallow_score']:+.3f})")
+    if card.causal is not None:
+        metrics.append(f"causal score {card.causal['causal_score']:+.3g}")
     if card.max_prob is not None:
         metrics.append(f"max p {_number(card.max_prob)}")
     items = []

@@ -40,6 +40,7 @@ CATEGORIES = {
     "precision": ("Highest precision@k", "agreement"),
     "shallow": ("Most shallow (mutation test)", "mutation"),
     "semantic": ("Most semantic (mutation test)", "mutation"),
+    "causal": ("Most causal memories", "causal"),
 }
 RUN_FIX = "the run folder is damaged: restore it, or re-run `ffkv-lens run` into a new --out"
 # Columns readers of a table rely on: (integer-valued, numeric, any); per-layer tables: "layer" and their CIs.
@@ -48,6 +49,7 @@ _TABLE_COLUMNS = {
                              ("agrees",)),
     "mutation_per_key": (("layer", "key"), ("change_first", "change_last", "change_random", "shallow_score"),
                          ("kind",)),
+    "causal_per_memory": (("layer", "key", "n_examples"), ("causal_score", "total_next", "control_total_next"), ()),
 }  # fmt: skip
 
 
@@ -80,6 +82,7 @@ class MemoryCard:
         max_prob: Max softmax probability of the value's distribution; None likewise.
         agreement: This memory's row of ``agreement_per_memory`` (sign 1 only), or None.
         mutation: Its row of ``mutation_per_key`` when the key was tested (sign 1 only), or None.
+        causal: Its row of ``causal_per_memory`` when the causal step sampled it (sign 1 only), or None.
     """
 
     layer: int
@@ -92,6 +95,7 @@ class MemoryCard:
     max_prob: float | None
     agreement: dict[str, Any] | None
     mutation: dict[str, Any] | None
+    causal: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -259,6 +263,7 @@ class RunFolder:
             max_prob=max_prob,
             agreement=self._row("agreement_per_memory", layer, key) if sign == 1 else None,
             mutation=self._row("mutation_per_key", layer, key) if sign == 1 else None,
+            causal=self._row("causal_per_memory", layer, key) if sign == 1 else None,
         )
 
     def _value_tokens(self, layer: int, key: int) -> tuple[Any, Any, float | None]:
@@ -288,12 +293,12 @@ class RunFolder:
         Agreement: agreeing memories first, then by the rank of the top trigger's next token in the
         value (so a layer without agreement shows its closest memories). Precision: by precision@k,
         then rank. Shallow and semantic: the tested keys with the highest and lowest mutation
-        ``shallow_score``, never the same key twice.
+        ``shallow_score``, never the same key twice. Most causal: the sampled memories by causal score.
         """
         picks = []
-        memory, mutation = self.table("agreement_per_memory"), self.table("mutation_per_key")
+        tables = {"agreement": "agreement_per_memory", "mutation": "mutation_per_key", "causal": "causal_per_memory"}
         for name, (_, step) in CATEGORIES.items():
-            frame = memory if step == "agreement" else mutation
+            frame = self.table(tables[step])
             if frame is None:
                 picks.append(GalleryPick(name, (), "not run"))
                 continue
@@ -349,6 +354,12 @@ def _pick(name: str, frame: Any, n: int, earlier: list[GalleryPick]) -> GalleryP
             ["precision_at_k", "rank", "key"], ascending=[False, True, True]
         )
         note = f"{len(ranked)} of {len(frame)} memories have precision@k above 0"
+    elif name == "causal":
+        ranked = frame.sort_values(["causal_score", "key"], ascending=[False, True])
+        note = (
+            f"{len(frame)} memories sampled; ranked by causal score (mean drop of log p(next token) when the memory "
+            "is zeroed on its triggers, minus its matched controls')"
+        )
     else:
         tested = frame.sort_values(["shallow_score", "key"], ascending=[name == "semantic", True])
         if name == "shallow":
@@ -386,6 +397,8 @@ def format_card(card: MemoryCard, *, color: bool) -> str:
             f"mutation test: {m['kind']} (shallow_score {m['shallow_score']:+.3f}; change first "
             f"{m['change_first']:+.3f}, last {m['change_last']:+.3f}, random {m['change_random']:+.3f})"
         )
+    if card.causal is not None:
+        lines.append(causal_line(card.causal))
     lines.append(f"trigger examples (peak token in {'reverse video' if color else '[[...]]'}, -> next token):")
     for view in card.examples:
         nxt = "(unit end)" if view.next_token is None else printable(repr(view.next_token))
@@ -394,6 +407,14 @@ def format_card(card: MemoryCard, *, color: bool) -> str:
     if not card.examples:
         lines.append("  (none: the search saw no unit for this key)")
     return "\n".join(lines)
+
+
+def causal_line(row: dict[str, Any]) -> str:
+    """A memory's causal score and the effects behind it, on one line."""
+    return (
+        f"causal score {row['causal_score']:+.4g} (zeroed on {int(row['n_examples'])} trigger examples: "
+        f"log p(next) {row['total_next']:+.4g} vs control {row['control_total_next']:+.4g}, clean - ablated)"
+    )
 
 
 def _agreement_line(card: MemoryCard) -> str:

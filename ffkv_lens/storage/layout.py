@@ -68,7 +68,7 @@ VALUES = "values"  # a run's value projection
 SEARCH = "search"  # a run's trigger-search checkpoints (removed once the atlas is saved)
 
 # The steps of a run, in the order the pipeline runs them; each is recorded in the manifest once done.
-RUN_STEPS = ("triggers", "values", "dynamics", "agreement", "mutation", "figures", "report")
+RUN_STEPS = ("triggers", "values", "dynamics", "agreement", "causal", "mutation", "figures", "report")
 ANALYSIS_STEPS = RUN_STEPS[:-1]  # the steps before the report (a run whose analyses are all done is complete)
 
 

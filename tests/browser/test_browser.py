@@ -112,6 +112,24 @@ def test_memory_shows_the_atlas_examples_and_steps_keys(page, server, tiny_atlas
     assert problems == []
 
 
+def test_memory_page_shows_the_causal_score(page, server, tiny_run) -> None:
+    import pandas as pd
+
+    tab, problems = page
+    table = pd.read_csv(tiny_run / "tables" / "causal_per_memory.csv")
+    row = table.iloc[0]
+    layer, key = int(row["layer"]), int(row["key"])
+    tab.goto(f"{server.url}#layer={layer}&key={key}")
+    _title(tab, layer, key)
+    score = tab.locator("#scores div", has_text="causal score").locator("dd")
+    expect(score).to_have_text(f"{row['causal_score']:.4f}")
+    unsampled = next(k for k in range(64) if k not in set(table[table["layer"] == layer]["key"]))
+    tab.goto(f"{server.url}#layer={layer}&key={unsampled}")
+    _title(tab, layer, unsampled)
+    expect(score).to_have_text("not sampled")
+    assert problems == []
+
+
 def test_token_search_then_click_through_to_the_memory(page, server, tiny_index) -> None:
     tab, problems = page
     with BrowserIndex(tiny_index) as index:

@@ -102,6 +102,17 @@ def test_index_is_reused_then_rebuilt_when_the_run_changes(run_copy) -> None:
     assert stored_fingerprint(path) != second, "table change not noticed"
 
 
+def test_run_without_the_causal_step_is_indexed_as_not_run(run_copy) -> None:
+    for path in (run_copy / "tables").glob("causal_*"):
+        path.unlink()
+    manifest = json.loads((run_copy / "manifest.json").read_text())
+    manifest["steps"].pop("causal")
+    (run_copy / "manifest.json").write_text(json.dumps(manifest))
+    with BrowserIndex(open_index(run_copy)) as index:
+        assert index.info()["has"]["causal"] is False
+        assert index.memory(index.layers[0], 0)["scores"]["causal_score"] is None
+
+
 def test_failed_build_keeps_the_old_index_and_leaves_no_temp_file(run_copy, monkeypatch) -> None:
     path = open_index(run_copy)
     before = stored_fingerprint(path)

@@ -1,4 +1,4 @@
-"""The packed example layout of the browser index (schema 2) against the atlas, by brute force."""
+"""The packed example layout of the browser index (schema 2 and later) against the atlas, by brute force; scores."""
 
 import math
 import sqlite3
@@ -30,6 +30,20 @@ def test_memory_query_returns_every_atlas_example_with_its_exact_coefficient(tin
                     assert got == want, (layer, key, sign)  # tolerance 0: coefficients are exact
                     checked += len(want)
         assert checked == index.meta["n_examples"] > 0
+
+
+def test_memory_scores_carry_the_causal_score_of_sampled_memories(tiny_index, tiny_run) -> None:
+    import pandas as pd
+
+    table = pd.read_csv(tiny_run / "tables" / "causal_per_memory.csv")
+    with BrowserIndex(tiny_index) as index:
+        assert index.info()["has"]["causal"] is True
+        sampled = {(int(r.layer), int(r.key)): r.causal_score for r in table.itertuples()}
+        for layer in index.layers:
+            for key in range(index.d_mlp):
+                got = index.memory(layer, key)["scores"]["causal_score"]
+                want = sampled.get((layer, key))
+                assert got == want if want is None else got == pytest.approx(want, rel=1e-12), (layer, key)
 
 
 def _brute_force_text_ranking(index: BrowserIndex, atlas, match: str) -> list[tuple]:

@@ -110,6 +110,11 @@ def test_gallery_shows_cards_with_the_peak_highlighted(page, run_dir) -> None:
     assert not set(picks["shallow"].keys) & set(picks["semantic"].keys)
     tested = run.table("mutation_per_key")
     assert set(picks["shallow"].keys) <= set(tested[tested["layer"] == 0]["key"])
+    sampled = run.table("causal_per_memory")
+    assert picks["causal"].keys and set(picks["causal"].keys) <= set(sampled[sampled["layer"] == 0]["key"])
+    best = sampled[sampled["layer"] == 0].sort_values("causal_score", ascending=False)["key"].iloc[0]
+    assert picks["causal"].keys[0] == best
+    assert run.card(0, int(best)).causal["causal_score"] == sampled["causal_score"][sampled["layer"] == 0].max()
     card = run.card(0, picks["shallow"].keys[0], examples=5)
     assert card.mutation is not None and card.top_tokens and len(card.top_tokens) == 10
     view = card.examples[0]
@@ -153,11 +158,26 @@ def test_missing_step_is_reported_as_not_run(run_dir, tmp_path) -> None:
     assert {f"figure-{n}" for n in FIGURES if n != "mutation"} <= {a.get("id") for t, a in parsed.tags}
 
 
+def test_run_without_the_causal_step_still_reports(run_dir, tmp_path) -> None:
+    """A run folder made before the causal step existed: no step record, no tables, no figure."""
+    folder = copy_run(
+        run_dir, tmp_path / "no-causal", drop_steps=("causal", "report"),
+        drop=("tables/causal_*", "figures/causal.*", "report.html"),
+    )  # fmt: skip
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["status"] = "finished"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    parsed = _parse(write_report(folder).read_text(encoding="utf-8"))
+    assert "not run" in parsed.sections["causal"] and "share_beats_control" not in parsed.sections["causal"]
+    assert parsed.sections["gallery"].count("not run") == len(RunFolder(folder).atlas.layers)
+    assert RunFolder(folder).card(0, 0).causal is None
+
+
 def test_only_the_trigger_search_done(run_dir, tmp_path) -> None:
-    later = ("values", "agreement", "mutation", "dynamics", "figures", "report")
+    later = ("values", "agreement", "causal", "mutation", "dynamics", "figures", "report")
     folder = copy_run(run_dir, tmp_path / "early", drop_steps=later, drop=("values", "tables", "figures"))
     parsed = _parse(write_report(folder).read_text(encoding="utf-8"))
-    for section in ("mutation", "agreement", "composition", "residual"):
+    for section in ("mutation", "agreement", "causal", "composition", "residual"):
         assert "not run" in parsed.sections[section]
     assert parsed.sections["gallery"].count("not run") == len(CATEGORIES) * len(RunFolder(folder).atlas.layers)
     empty = copy_run(run_dir, tmp_path / "empty", drop_steps=("triggers", *later), drop=("atlas", "values"))

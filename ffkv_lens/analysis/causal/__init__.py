@@ -16,9 +16,23 @@ The names below load their modules on first use.
 import importlib
 from typing import Any
 
-__all__: list[str] = []
+__all__: list[str] = [
+    "Ablations",
+    "CausalAgreementResult",
+    "CausalConfig",
+    "ablate",
+    "ablate_one_by_one",
+    "causal_agreement",
+]
 
-_LAZY: dict[str, str] = {}
+_LAZY: dict[str, str] = {
+    "Ablations": "ffkv_lens.analysis.causal.ablation",
+    "ablate": "ffkv_lens.analysis.causal.ablation",
+    "ablate_one_by_one": "ffkv_lens.analysis.causal.ablation",
+    "CausalAgreementResult": "ffkv_lens.analysis.causal.summary",
+    "CausalConfig": "ffkv_lens.analysis.causal.agreement",
+    "causal_agreement": "ffkv_lens.analysis.causal.agreement",
+}
 
 
 def __getattr__(name: str) -> Any:
