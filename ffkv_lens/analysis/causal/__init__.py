@@ -16,9 +16,27 @@ The names below load their modules on first use.
 import importlib
 from typing import Any
 
-__all__: list[str] = []
+__all__: list[str] = [
+    "Fact",
+    "FactEdit",
+    "FactLocation",
+    "check_fact",
+    "check_facts",
+    "edit_fact",
+    "locate_fact",
+    "read_facts",
+]
 
-_LAZY: dict[str, str] = {}
+_LAZY: dict[str, str] = {
+    "Fact": "ffkv_lens.analysis.causal.facts",
+    "check_fact": "ffkv_lens.analysis.causal.facts",
+    "check_facts": "ffkv_lens.analysis.causal.facts",
+    "read_facts": "ffkv_lens.analysis.causal.facts",
+    "FactLocation": "ffkv_lens.analysis.causal.locate",
+    "locate_fact": "ffkv_lens.analysis.causal.locate",
+    "FactEdit": "ffkv_lens.analysis.causal.edit",
+    "edit_fact": "ffkv_lens.analysis.causal.edit",
+}
 
 
 def __getattr__(name: str) -> Any:
