@@ -279,9 +279,12 @@ def edit_fact(
 
     Raises:
         ConfigError: A bad operation or strength, or no memory to edit.
+        AtlasMismatchError: ``atlas`` was searched on another model.
     """
     adapter = as_adapter(model)
     factor = _check(operation, strength, memories)
+    if atlas is not None:
+        atlas.check_matches(adapter)
     edits, chosen = _edits(location, operation, factor, memories, shared_only)
     efficacy = _efficacy(adapter, location, paraphrases, edits)
     specificity = _specificity(adapter, unrelated or (), edits)
