@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ffkv_lens.adapters import AdapterLike, MemoryAdapter, as_adapter
 from ffkv_lens.analysis.atlas import TriggerAtlas
-from ffkv_lens.analysis.causal.facts import Fact, target_token_id
+from ffkv_lens.analysis.causal.facts import Fact, next_token_logprobs, target_token_id
 from ffkv_lens.analysis.causal.locate import FactLocation
 from ffkv_lens.analysis.interventions import Edit, intervene
 from ffkv_lens.corpus import Corpus
@@ -101,11 +101,12 @@ class FactEdit:
         return json.dumps(self.to_dict(), indent=1, default=str)
 
 
-def _logprobs(adapter: MemoryAdapter, tokens: Tensor, edits: Sequence[Edit]) -> Tensor:
-    """Next-token log-probabilities at every position (float64), ``[pos, d_vocab]``."""
-    with adapter.inference(), intervene(adapter, edits):
-        logits = adapter.run_with_hooks(tokens, [])
-    return torch.log_softmax(logits[0].double(), dim=-1)
+def _logprobs(
+    adapter: MemoryAdapter, tokens: Tensor, edits: Sequence[Edit], positions: Sequence[int] = (-1,)
+) -> Tensor:
+    """Next-token log-probabilities (float64) at ``positions`` (default: the last) under ``edits``."""
+    with intervene(adapter, edits):
+        return next_token_logprobs(adapter, tokens, positions)
 
 
 def _prompt_rows(
@@ -116,7 +117,7 @@ def _prompt_rows(
     for text in texts:
         token = target_token_id(adapter, text, target)
         tokens = adapter.to_tokens(text)
-        before, after = _logprobs(adapter, tokens, [])[-1], _logprobs(adapter, tokens, edits)[-1]
+        before, after = _logprobs(adapter, tokens, [])[0], _logprobs(adapter, tokens, edits)[0]
         rows.append(
             {
                 "text": text,
@@ -170,7 +171,7 @@ def _kl(
     values = []
     for s in sorted({s for s, _ in chosen}):
         where = [p for t, p in chosen if t == s]
-        before, after = _logprobs(adapter, sequences[s], [])[where], _logprobs(adapter, sequences[s], edits)[where]
+        before, after = _logprobs(adapter, sequences[s], [], where), _logprobs(adapter, sequences[s], edits, where)
         values.append((before.exp() * (before - after)).sum(-1))
     kl = torch.cat(values)
     return {"mean": float(kl.mean()), "max": float(kl.max()), "positions": len(kl), "documents": len(sequences)}
@@ -195,8 +196,8 @@ def _audit(
                 continue
             _, unit = atlas.units.get(example.unit_id)
             tokens = torch.tensor([bos + unit[: example.position + 1]], device=adapter.device)
-            before = float(_logprobs(adapter, tokens, [])[-1, example.next_token_id])
-            after = float(_logprobs(adapter, tokens, edits)[-1, example.next_token_id])
+            before = float(_logprobs(adapter, tokens, [])[0, example.next_token_id])
+            after = float(_logprobs(adapter, tokens, edits)[0, example.next_token_id])
             rows.append([layer, key, rank, example.prefix, example.next_token, before, after, after - before])
     table = pd.DataFrame(rows, columns=columns)
     return table.sort_values("delta_logp", kind="stable").reset_index(drop=True)

@@ -39,6 +39,7 @@ __all__ = [
     "answer_text",
     "check_fact",
     "check_facts",
+    "next_token_logprobs",
     "next_token_probs",
     "parse_fact",
     "read_facts",
@@ -182,12 +183,23 @@ def target_token_id(model: AdapterLike, prompt: str, target: str) -> int:
     return int(ids[0])
 
 
+def next_token_logprobs(adapter: MemoryAdapter, tokens: torch.Tensor, positions: Sequence[int] = (-1,)) -> torch.Tensor:
+    """Next-token log-probabilities (float64) of row 0 at ``positions``, ``[len(positions), d_vocab]``.
+
+    The forward pass stops at the final residual stream and only ``positions`` are read out
+    (:meth:`~ffkv_lens.adapters.MemoryAdapter.readout`: final norm, unembedding, soft-cap), which spares the
+    unembedding of every other position on large vocabularies. Hooks active on the model (edits) apply.
+    """
+    name = adapter.readout_hooks().resid
+    with adapter.inference():
+        resid = adapter.record(tokens, [name], stop_after=name)[name]
+        logits = adapter.readout(resid[0, list(positions)])
+    return torch.log_softmax(logits.double(), dim=-1)
+
+
 def next_token_probs(adapter: MemoryAdapter, prompt: str) -> torch.Tensor:
     """The next-token distribution after ``prompt`` (float64), ``[d_vocab]``."""
-    tokens = adapter.to_tokens(prompt)
-    with adapter.inference():
-        logits = adapter.run_with_hooks(tokens, [])
-    return torch.softmax(logits[0, -1].double(), dim=-1)
+    return next_token_logprobs(adapter, adapter.to_tokens(prompt))[0].exp()
 
 
 def check_fact(model: AdapterLike, fact: Fact) -> pd.DataFrame:

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from ffkv_lens.adapters import AdapterLike, MemoryAdapter, as_adapter
-from ffkv_lens.analysis.causal.facts import target_token_id
+from ffkv_lens.analysis.causal.facts import next_token_logprobs, target_token_id
 from ffkv_lens.analysis.interventions import Edit, intervene
 from ffkv_lens.errors import ConfigError
 
@@ -218,9 +218,8 @@ def _rank(
 
 
 def _p_target(adapter: MemoryAdapter, tokens: Tensor, target: int, edits: Sequence[Edit]) -> float:
-    with adapter.inference(), intervene(adapter, edits):
-        logits = adapter.run_with_hooks(tokens, [])
-    return float(torch.softmax(logits[0, -1].double(), dim=-1)[target])
+    with intervene(adapter, edits):
+        return float(next_token_logprobs(adapter, tokens)[0, target].exp())
 
 
 def _verify(
