@@ -5,8 +5,9 @@ print its memory layout), ``run`` (the whole study into a run folder), ``report`
 folder's ``report.html``), ``show`` (one memory in the terminal), ``browse`` (the memory
 browser on a local web server; with ``--model`` also the Prompt page), ``compare`` (several runs
 side by side, memories matched across models), ``trace`` (a prompt traced through the memories,
-with and without edits) and ``export`` (a run's memories for Neuronpedia, neuron-explainer or
-Hugging Face datasets). ``main(argv)`` is callable from tests.
+with and without edits), ``export`` (a run's memories for Neuronpedia, neuron-explainer or
+Hugging Face datasets) and ``locate`` (the memories that carry each fact of a fact file, verified,
+edited and audited). ``main(argv)`` is callable from tests.
 
 Example:
     $ ffkv-lens layout --model smollm2-135m
@@ -48,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_compare(sub)
     _add_trace(sub)
     _add_export(sub)
+    _add_locate(sub)
     return parser
 
 
@@ -187,7 +189,8 @@ def _add_show(sub: argparse._SubParsersAction) -> None:
         help="one memory in the terminal: trigger examples (peak token marked), next tokens, value tokens",
         description="Print one memory (layer, key) of a run folder: its top trigger examples with the peak token "
         "marked (reverse video on a terminal, [[...]] otherwise), the coefficient and the next token, and the "
-        "value's top and bottom tokens with their logits; then, when the search recorded them, the memory's statistics: "
+        "value's top and bottom tokens with their logits; then, when the search recorded them, the memory's "
+        "statistics: "
         "the histogram as a sparkline with density, mean and std, and samples from each activation interval. "
         "No model needed.",
     )
@@ -406,6 +409,80 @@ def _cmd_export(args: argparse.Namespace) -> int:
     done = result.manifest["result"]
     print(f"exported {args.format} in {time.perf_counter() - start:.1f} s: {result.path}")
     print("  " + ", ".join(f"{k} {v}" for k, v in done.items() if isinstance(v, (int, str))))
+
+
+def _add_locate(sub: argparse._SubParsersAction) -> None:
+    from ffkv_lens.facts.folder import LocateSettings
+
+    d = LocateSettings()
+    loc = sub.add_parser(
+        "locate",
+        help="locate the memories that carry each fact of a fact file, verify by ablation, edit and audit",
+        description="For each fact of --facts (JSONL; docs/causal.md): rank the memories by attribution to log "
+        "p(target), zero the top ones (measured), suppress or enhance them and measure efficacy, specificity, the "
+        "KL divergence on corpus positions and (with --atlas) the collateral audit. Writes --out/report.html.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    loc.add_argument("--model", default="smollm2-135m", help="embedded name, local HF folder or hub name")
+    loc.add_argument("--facts", required=True, help="the fact file (JSONL: prompts, target, paraphrases, ...)")
+    loc.add_argument("--out", required=True, help="the facts folder to write (new or empty)")
+    loc.add_argument("--method", default=d.method, choices=["attribution", "integrated_gradients"],
+                     help="coefficient x gradient, or integrated gradients (Dai et al.)")  # fmt: skip
+    loc.add_argument("--top", type=_positive, default=d.top, help="memories located and verified per fact")
+    loc.add_argument("--steps", type=_positive, default=d.steps, help="integration steps (integrated_gradients)")
+    loc.add_argument("--edit-memories", type=_positive, default=d.edit_memories, help="top memories edited")
+    loc.add_argument("--operation", default=d.operation, choices=["suppress", "enhance"],
+                     help="scale the edited memories down (suppress) or up (enhance)")  # fmt: skip
+    loc.add_argument("--strength", type=float, default=None, help="factor of the edit (default: 0 / 2)")
+    loc.add_argument("--unrelated", type=int, default=d.unrelated, help="other facts measured for specificity")
+    loc.add_argument("--atlas", default=None, metavar="RUN_DIR", help="run folder (or atlas folder) to audit with")
+    loc.add_argument("--corpus", default="default", help="corpus of the KL positions (see `run --corpus`)")
+    loc.add_argument("--kl-positions", type=int, default=d.kl_positions, help="corpus positions of the KL (0: none)")
+    loc.add_argument("--audit-examples", type=_positive, default=d.audit_examples, help="per edited memory")
+    loc.add_argument("--seed", type=int, default=d.seed, help="seed of the KL positions")
+    loc.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    loc.add_argument("--force", action="store_true", help="replace the outputs of an earlier locate in --out")
+
+
+def _atlas_path(path: str) -> Any:
+    """The atlas folder of ``--atlas``: a run folder's ``atlas/`` or an atlas folder itself."""
+    from pathlib import Path
+
+    from ffkv_lens.errors import ConfigError
+
+    for candidate in (RunPaths(Path(path)).atlas, Path(path)):
+        if (candidate / "atlas.safetensors").is_file():
+            return candidate
+    raise ConfigError(f"--atlas {path!r} holds no trigger atlas; pass a finished run folder or its atlas/ folder.")
+
+
+def _cmd_locate(args: argparse.Namespace) -> int:
+    from ffkv_lens import Corpus, MemoryLens, TriggerAtlas, load_model
+    from ffkv_lens.analysis.causal import read_facts
+    from ffkv_lens.errors import ConfigError
+    from ffkv_lens.facts import LocateSettings, write_facts_folder
+    from ffkv_lens.storage.layout import FACTS, claim_folder
+
+    if args.unrelated < 0 or args.kl_positions < 0:
+        raise ConfigError(f"--unrelated {args.unrelated} / --kl-positions {args.kl_positions}; pass numbers >= 0.")
+    facts = read_facts(args.facts)
+    claim_folder(args.out, FACTS, force=args.force)  # refuse a foreign --out before loading anything
+    settings = LocateSettings(
+        method=args.method, top=args.top, steps=args.steps, edit_memories=args.edit_memories,
+        operation=args.operation, strength=args.strength, unrelated=args.unrelated, kl_positions=args.kl_positions,
+        audit_examples=args.audit_examples, seed=args.seed,
+    )  # fmt: skip
+    start = time.perf_counter()
+    lens = MemoryLens(load_model(args.model, device=args.device))
+    atlas = None if args.atlas is None else TriggerAtlas.load(_atlas_path(args.atlas), tokenizer=lens.adapter.tokenizer)
+    corpus = Corpus.from_spec(args.corpus) if args.kl_positions else None
+    source = {"facts_file": str(args.facts), "model_name": args.model, "atlas": args.atlas, "corpus_spec": args.corpus}
+    out = write_facts_folder(
+        lens, facts, args.out, settings=settings, atlas=atlas, corpus=corpus, source=source, force=args.force,
+        say=lambda line: print(line, flush=True),
+    )  # fmt: skip
+    print(f"{len(facts)} facts in {(time.perf_counter() - start) / 60:.1f} min: {out}")
+    print(f"report: {out / 'report.html'}")
     return 0
 
 
@@ -495,6 +572,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _cmd_trace(args)
     if args.command == "export":
         return _cmd_export(args)
+    if args.command == "locate":
+        return _cmd_locate(args)
     return _cmd_layout(args.model, args.device, args.dtype)
 
 

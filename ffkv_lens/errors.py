@@ -16,6 +16,7 @@ __all__ = [
     "CorpusNotAvailableError",
     "DamagedFileError",
     "DiskFullError",
+    "FactFileError",
     "FfkvLensError",
     "HookNotFiredError",
     "MissingActivationsError",
@@ -88,3 +89,7 @@ class DamagedFileError(FfkvLensError):
 
     The message names the file, what is wrong with it and how to get a sound copy.
     """
+
+
+class FactFileError(FfkvLensError):
+    """A fact file (JSONL) cannot be read: a missing file, a line that is not JSON or a fact with a bad field."""

@@ -28,6 +28,7 @@ LAYERS: dict[str, int] = {
     "comparison": 7,
     "browser": 7,
     "export": 7,
+    "facts": 7,
     "report": 6,
     "lens": 5,
     "analysis": 4,

@@ -11,7 +11,8 @@ carrying one as ``.adapter``, such as a :class:`~ffkv_lens.MemoryLens`), and unw
 - :mod:`ffkv_lens.analysis.checkpoint`: resumable search state.
 - :mod:`ffkv_lens.analysis.agreement`: value/trigger agreement (section 4).
 - :mod:`ffkv_lens.analysis.mutation`: the mutation test (section 3.2).
-- :mod:`ffkv_lens.analysis.causal`: causal agreement (ablations on triggers) and facts.
+- :mod:`ffkv_lens.analysis.causal`: causal agreement (ablations on triggers); :func:`locate_fact` and
+  :func:`edit_fact` (docs/causal.md).
 - :mod:`ffkv_lens.analysis.dynamics` and :mod:`ffkv_lens.analysis.sampling`: section 5.
 
 The names below load their modules on first use, so importing one module of the core does not
@@ -28,7 +29,9 @@ __all__ = [
     "MutationResult",
     "causal_agreement",
     "composition",
+    "edit_fact",
     "layer_dynamics",
+    "locate_fact",
     "mutation_test",
     "residual_agreement",
     "value_agreement",
@@ -45,6 +48,8 @@ _LAZY = {
     "MutationConfig": "ffkv_lens.analysis.mutation",
     "MutationResult": "ffkv_lens.analysis.mutation",
     "mutation_test": "ffkv_lens.analysis.mutation",
+    "locate_fact": "ffkv_lens.analysis.causal.locate",
+    "edit_fact": "ffkv_lens.analysis.causal.edit",
 }
 
 

@@ -40,7 +40,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 INDEX_NAME = BROWSER_INDEX  # RUN_DIR/browser.sqlite (ffkv_lens.storage.layout)
-SCHEMA_VERSION = 3  # 2: examples packed per (memory, sign), reverse lookup per context; 3: per-memory statistics, causal_score
+SCHEMA_VERSION = 3  # 2: packed examples per (memory, sign), context lookup; 3: per-memory statistics, causal_score
 STALE_TEMP_SECONDS = 3600  # leftovers of killed builds older than this are removed on the next build
 _TABLE_FILES = (
     "agreement_per_memory.csv", "mutation_per_key.csv", "agreement_per_layer.csv", "mutation_per_layer.csv",

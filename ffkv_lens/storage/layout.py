@@ -1,11 +1,11 @@
-"""The on-disk layouts the program writes: run folders and comparison folders.
+"""The on-disk layouts the program writes: run folders, comparison folders and facts folders.
 
 This module is the one place that names them: the ``format`` of each kind's ``manifest.json``
-(:data:`RUN`, :data:`COMPARISON`, :data:`EXPORT`), the entries inside (:data:`MANIFEST`, :data:`TABLES`,
+(:data:`RUN`, :data:`COMPARISON`, :data:`EXPORT`, :data:`FACTS`), the entries inside (:data:`MANIFEST`, :data:`TABLES`,
 :data:`FIGURES`, :data:`ATLAS`, :data:`VALUES`, :data:`SEARCH`, :data:`REPORT`,
-:data:`BROWSER_INDEX`; :class:`RunPaths` and :class:`ComparisonPaths` join them to a folder)
-and the steps of a run in their one order (:data:`RUN_STEPS`). The writers (``ffkv_lens.pipeline``,
-``ffkv_lens.comparison.folder``) and the readers (``ffkv_lens.report.RunFolder``,
+:data:`BROWSER_INDEX`; :class:`RunPaths`, :class:`ComparisonPaths` and :class:`FactsPaths` join them to
+a folder) and the steps of a run in their one order (:data:`RUN_STEPS`). The writers (``ffkv_lens.pipeline``,
+``ffkv_lens.comparison.folder``, ``ffkv_lens.facts``) and the readers (``ffkv_lens.report.RunFolder``,
 ``ffkv_lens.comparison.Comparison``, the browser) take them from here.
 
 A folder is recognised by the ``format`` of its ``manifest.json`` alone. Writers open their
@@ -38,6 +38,7 @@ __all__ = [
     "BROWSER_INDEX",
     "COMPARISON",
     "EXPORT",
+    "FACTS",
     "FIGURES",
     "MANIFEST",
     "REPORT",
@@ -47,6 +48,7 @@ __all__ = [
     "TABLES",
     "VALUES",
     "ComparisonPaths",
+    "FactsPaths",
     "FolderClaim",
     "FolderKind",
     "FolderPaths",
@@ -77,7 +79,7 @@ class FolderKind:
     """One kind of folder the program writes.
 
     Attributes:
-        name: ``"run"`` or ``"comparison"``.
+        name: ``"run"``, ``"comparison"`` or ``"facts"``.
         format: The ``format`` its writer puts in ``manifest.json`` (a prefix plus a version).
         files: Top-level files the writer creates (temporaries and SQLite side files included).
         folders: Top-level folders whose whole content the writer creates (written atomically).
@@ -130,6 +132,14 @@ EXPORT = FolderKind(
     folders=EXPORT_FOLDERS,
     output_folders={},
     command="ffkv-lens export",
+)
+FACTS = FolderKind(
+    name="facts",
+    format="ffkv_lens.facts/1",
+    files=(MANIFEST, REPORT),
+    folders=(),
+    output_folders=_OUTPUTS,
+    command="ffkv-lens locate",
 )
 
 
@@ -204,6 +214,11 @@ class RunPaths(FolderPaths):
 @dataclass(frozen=True)
 class ComparisonPaths(FolderPaths):
     """A comparison folder's entries (``--out`` of ``ffkv-lens compare``)."""
+
+
+@dataclass(frozen=True)
+class FactsPaths(FolderPaths):
+    """A facts folder's entries (``--out`` of ``ffkv-lens locate``)."""
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,17 @@ __all__: list[str] = [
     "Ablations",
     "CausalAgreementResult",
     "CausalConfig",
+    "Fact",
+    "FactEdit",
+    "FactLocation",
     "ablate",
     "ablate_one_by_one",
     "causal_agreement",
+    "check_fact",
+    "check_facts",
+    "edit_fact",
+    "locate_fact",
+    "read_facts",
 ]
 
 _LAZY: dict[str, str] = {
@@ -32,6 +40,14 @@ _LAZY: dict[str, str] = {
     "CausalAgreementResult": "ffkv_lens.analysis.causal.summary",
     "CausalConfig": "ffkv_lens.analysis.causal.agreement",
     "causal_agreement": "ffkv_lens.analysis.causal.agreement",
+    "Fact": "ffkv_lens.analysis.causal.facts",
+    "check_fact": "ffkv_lens.analysis.causal.facts",
+    "check_facts": "ffkv_lens.analysis.causal.facts",
+    "read_facts": "ffkv_lens.analysis.causal.facts",
+    "FactLocation": "ffkv_lens.analysis.causal.locate",
+    "locate_fact": "ffkv_lens.analysis.causal.locate",
+    "FactEdit": "ffkv_lens.analysis.causal.edit",
+    "edit_fact": "ffkv_lens.analysis.causal.edit",
 }
 
 
