@@ -267,7 +267,7 @@ def test_api_answers_and_page_is_self_contained(server, tiny_atlas) -> None:
     assert status == 200 and [r["layer"] for r in layers["layers"]] == tiny_atlas.layers
     assert all(r["n_keys"] == tiny_atlas.d_mlp for r in layers["layers"])
     status, info = _get(server, "/api/info")
-    found = {"values": True, "agreement": True, "mutation": True, "stats": True, "quadrants": False}
+    found = {"values": True, "agreement": True, "mutation": True, "causal": True, "stats": True, "quadrants": False}
     assert status == 200 and info["has"] == found
     status, page = _get(server, "/")
     assert status == 200
