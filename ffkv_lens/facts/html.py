@@ -93,7 +93,8 @@ def render_facts_report(paths: FactsPaths) -> str:
     tables = {name: _table(paths, name) for name in ("facts", *_SHOWN)}
     summaries = {str(r["fact"]): r for r in tables["facts"].to_dict("records")} if len(tables["facts"]) else {}
     model = manifest.get("model", {})
-    settings = {**manifest.get("settings", {}), "model": model.get("name", model), **manifest.get("source", {})}
+    name = str(model.get("model_name", ""))
+    settings = {**manifest.get("settings", {}), "model": model, **manifest.get("source", {})}
     shown = [c for c in tables["facts"].columns if c not in ("audit_worst_prefix", "edited")]
     overview = _frame_table(tables["facts"][shown]) if len(tables["facts"]) else _not_run("no facts")
     figure = _img(paths.figure("attribution_vs_ablation"), "Estimated vs measured change of log p(target)")
@@ -109,8 +110,8 @@ def render_facts_report(paths: FactsPaths) -> str:
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>ffkv-lens facts: {_e(model.get('name', ''))}</title><style>{_CSS}</style></head>"
-        f'<body><header><h1>Located and edited facts</h1><p class="sub">{_e(model.get("name", ""))}</p></header>'
+        f"<title>ffkv-lens facts: {_e(name)}</title><style>{_CSS}</style></head>"
+        f'<body><header><h1>Located and edited facts</h1><p class="sub">{_e(name)}</p></header>'
         f"<nav>{nav}</nav><main>{body}</main><footer><p>ffkv-lens {_e(version)} · {_e(str(paths.root))} · "
         f"written {_e(time.strftime('%Y-%m-%d %H:%M:%S %z'))}</p></footer></body></html>\n"
     )
