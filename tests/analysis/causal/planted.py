@@ -86,23 +86,20 @@ def _ffn_inputs(lens: MemoryLens, layer: int, texts: list[str]) -> tuple[Tensor,
 
 
 def _fit_key(x: Tensor, positive: Tensor, with_bias: bool, margin: float) -> tuple[Tensor, float, float]:
-    """A key (and bias) whose pre-activation is >= +1 on ``positive`` rows and <= -1 elsewhere, scaled to ``margin``.
+    """A key (and bias) whose pre-activation is >= +margin on ``positive`` rows and <= -margin elsewhere.
 
-    Least squares first, then a squared-hinge fit (a linear separator), which needs no bias.
+    A soft-margin linear separator (squared hinge, class-balanced, small L2 penalty, so the key stays short and
+    the coefficient a smooth function of the input), scaled so that its smallest distance from zero is ``margin``.
     """
     design = (torch.cat([x, torch.ones(len(x), 1)], dim=1) if with_bias else x).double()
     sign = positive.double() * 2 - 1
-    solution = torch.linalg.lstsq(design, sign[:, None]).solution[:, 0].clone().requires_grad_(True)
+    weight = torch.where(positive, 0.5 / positive.sum(), 0.5 / (~positive).sum()).double()
+    solution = torch.zeros(design.shape[1], dtype=torch.float64, requires_grad=True)
     optimiser = torch.optim.Adam([solution], lr=0.05)
-    for _ in range(5000):
-        pre = design @ solution
-        if bool((sign * pre > 0).all()):
-            break
-        violation = torch.relu(1 - sign * pre)
-        if not violation.any():
-            break
+    for _ in range(3000):
+        violation = torch.relu(1 - sign * (design @ solution))
         optimiser.zero_grad()
-        (violation.square().mean() + 1e-6 * solution.square().sum()).backward()
+        ((weight * violation.square()).sum() + 1e-4 * solution.square().sum()).backward()
         optimiser.step()
     solution = solution.detach()
     pre = design @ solution
