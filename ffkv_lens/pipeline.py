@@ -113,8 +113,8 @@ class RunConfig:
     top_k: int = 10
     keys_per_layer: int = 20
     examples: int = 10
-    causal_keys_per_layer: int = 10
-    causal_examples: int = 5
+    causal_keys_per_layer: int = 8
+    causal_examples: int = 2
     positions: int = 1000
     seed: int = 0
     device: str | None = None

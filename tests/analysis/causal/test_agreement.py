@@ -57,7 +57,7 @@ def test_controls_do_not_move_the_planted_token(planted) -> None:
     own = ablate(p.lens.adapter, p.layer, prefixes, index, torch.full((len(prefixes),), p.key), target)
     controls = ablate(p.lens.adapter, p.layer, prefixes, index, torch.tensor(ex.control_key.to_numpy()), target)
     assert float(own.total[0, 0]) > 20 * float(controls.total[:, 0].abs().max())
-    assert torch.allclose(own.total[:, 0], torch.as_tensor(ex.total_value.to_numpy()), atol=TOL, rtol=0)
+    assert torch.allclose(own.total[:, 0], torch.tensor(ex.total_value.to_numpy()), atol=TOL, rtol=0)
 
 
 def test_control_is_near_in_abs_coefficient_rank(planted) -> None:
