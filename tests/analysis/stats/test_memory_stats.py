@@ -2,8 +2,10 @@
 
 Tiny random models of several families (float64, so that padding cannot move a value across a bin
 edge), signed and unsigned, three batch sizes. Tolerances: counts, histograms, groups and the sampled
-(unit, position) pairs are exact; sums of m and m**2, minima, maxima and sampled coefficients within
-1e-12 relative (a padded batch computes m to float64 rounding, and sums run in another order).
+(unit, position) pairs are exact; sums of m and m**2, minima and maxima within 1e-12 relative, sampled
+coefficients within 1e-12 relative plus 1e-12 absolute (a padded batch computes m to float64 rounding,
+which is large relative to coefficients near 0, and sums run in another order). The SmolLM2 case
+(slow) runs the real model in float64 on 2,000 tokens of the default corpus, layers 0 and 2.
 """
 
 import pytest
@@ -54,7 +56,7 @@ def assert_stats_equal(atlas, lens, corpus, kw, stats, keys_to_frame=(0, 7)) -> 
                 assert list(pairs) == [(u, p) for u, p, _ in expected], f"samples of layer {layer} key {key} {group}"
                 values = got.sample_values[key, group][kept].double()
                 assert torch.allclose(values, torch.tensor([v for *_, v in expected], dtype=torch.float64),
-                                      rtol=1e-12, atol=0)  # fmt: skip
+                                      rtol=1e-12, atol=1e-12)  # fmt: skip
         for key in keys_to_frame:
             q = atlas.quantile_examples(layer, key)
             assert len(q) == int((got.sample_units[key] >= 0).sum())
