@@ -89,7 +89,7 @@ def feature_rows(source: ExportSource, layer: int, model_id: str) -> list[dict[s
     centres = _round((edges[:-1] + edges[1:]) / 2)
     freq = source.atlas.histograms(layer).numpy()
     logit_counts, logit_centres = logit_histograms(source, layer)
-    hook = source.lens.hook_names(layer).coefficients
+    hook = f"blocks.{layer}.mlp.hook_post"  # TransformerLens's name of the coefficients (an alias on the bridge)
     rows = []
     for key, stat in zip(range(source.d_mlp), stats.itertuples(index=False), strict=True):
         value = source.value_tokens(layer, key)

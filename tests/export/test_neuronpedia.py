@@ -74,6 +74,7 @@ def test_layout_features_and_activations_fit_the_schema(export_run_dir, exported
         stats = atlas.stats(layer)
         for feature in features:
             assert set(feature) <= FEATURE_COLUMNS and feature["layer"] == f"{layer}-ffkv-mlp"
+            assert feature["hookName"] == f"blocks.{layer}.mlp.hook_post"
             check_types(feature)
             key = int(feature["index"])
             assert sum(feature["freq_hist_data_bar_heights"]) == int(stats["count"][key])
