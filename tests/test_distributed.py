@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--k", "4", "--keys-per-layer", "4", "--examples", "2", "--positions", "24", "--max-tokens", "3000",
-        "--batch-tokens", "96", "--checkpoint-every", "150"]  # fmt: skip
+        "--batch-tokens", "96", "--checkpoint-every", "150", "--quadrants"]  # fmt: skip
 # Runs the CLI; with KILL_RANK set, that rank SIGKILLs itself after its KILL_AFTER-th checkpoint; with
 # FAIL_IN=module.function set, that function raises a RuntimeError (a bug, not an FfkvLensError) on rank 0.
 LAUNCH = """

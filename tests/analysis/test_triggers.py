@@ -191,7 +191,7 @@ RESUME_SCRIPT = textwrap.dedent(
                 os.kill(os.getpid(), 9)
         triggers.TriggerSearch.save_checkpoint = save_then_maybe_die
     atlas = triggers.search_triggers(lens.adapter, corpus, k=4, signed=True, batch_tokens=24,
-                                     checkpoint_dir={ckpt!r}, checkpoint_every=30, progress=False)
+                                     checkpoint_dir={ckpt!r}, checkpoint_every=30, progress=False, quadrants=True)
     atlas.save({out!r})
     """
 )
@@ -220,7 +220,7 @@ def test_sigkill_and_resume_gives_identical_atlas(tiny_folder, tmp_path) -> None
     for name, tensor in b.tensors().items():
         assert torch.equal(a.tensors()[name], tensor), name
     # The per-memory statistics too, bit for bit: a resumed search adds the same batches in the same order.
-    assert a.has_stats and a.stats_settings == b.stats_settings
+    assert a.has_stats and a.has_quadrants and a.stats_settings == b.stats_settings
     for layer in b.layers:
         for name, tensor in b.memory_stats[layer].tensors(layer).items():
             torch.testing.assert_close(a.memory_stats[layer].tensors(layer)[name], tensor, rtol=0, atol=0,

@@ -23,7 +23,7 @@ CASES = {"gpt2-unsigned": ("gpt2", False), "llama-signed": ("llama", True), "gem
 STATS = dict(histogram_bins=8, quantile_groups=3, quantile_samples=2, density_threshold=0.05)
 
 
-def assert_stats_equal(atlas, lens, corpus, kw, stats) -> None:
+def assert_stats_equal(atlas, lens, corpus, kw, stats, keys_to_frame=(0, 7)) -> None:
     units = corpus_units(lens, corpus, unit=kw["unit"], max_len=kw["max_len"], max_tokens=kw.get("max_tokens"))
     layers = kw["layers"]
     ranges = calibration_ranges(lens, units, layers=layers, calibration_units=64)
@@ -44,21 +44,21 @@ def assert_stats_equal(atlas, lens, corpus, kw, stats) -> None:
             assert err <= 1e-12, f"{name} differs at layer {layer}: {err:.1e}"
         frame = atlas.stats(layer)
         assert torch.allclose(torch.tensor(frame["mean"].values), want["sums"] / want["count"], rtol=1e-12, atol=0)
+        shift = 1  # these models put a BOS first: stored positions count the unit's own tokens
         for key in range(m.shape[1]):
-            q = atlas.quantile_examples(layer, key)
             for group in range(stats["quantile_groups"]):
-                rows = q[q.group == group]
+                kept = got.sample_units[key, group] >= 0
+                pairs = zip(got.sample_units[key, group][kept].tolist(),
+                            (got.sample_positions[key, group][kept] + shift).tolist(), strict=True)  # fmt: skip
                 expected = want["samples"][(key, group)]
-                shift = 1  # these models put a BOS first: sample positions count the unit's own tokens
-                assert [(u, p + shift) for u, p in zip(rows.unit_id, rows.position, strict=True)] == [
-                    (u, p) for u, p, _ in expected
-                ], f"samples of layer {layer} key {key} group {group}"
-                assert torch.allclose(
-                    torch.tensor(rows.coefficient.values, dtype=torch.float64),
-                    torch.tensor([v for *_, v in expected], dtype=torch.float64),
-                    rtol=1e-12,
-                    atol=0,
-                )
+                assert list(pairs) == [(u, p) for u, p, _ in expected], f"samples of layer {layer} key {key} {group}"
+                values = got.sample_values[key, group][kept].double()
+                assert torch.allclose(values, torch.tensor([v for *_, v in expected], dtype=torch.float64),
+                                      rtol=1e-12, atol=0)  # fmt: skip
+        for key in keys_to_frame:
+            q = atlas.quantile_examples(layer, key)
+            assert len(q) == int((got.sample_units[key] >= 0).sum())
+            assert q.groupby("group").group_share.first().sum() == pytest.approx(1.0, abs=1e-12)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -101,3 +101,15 @@ def test_stats_off_and_quadrants_refused(tiny_bridge) -> None:
         atlas.stats(0)
     with pytest.raises(ConfigError, match="quadrants=True"):
         atlas.quadrants(0, 0)
+
+
+@pytest.mark.slow
+def test_smollm2_stats_equal_brute_force() -> None:
+    from ffkv_lens import load_model
+
+    lens = MemoryLens(load_model("smollm2-135m", device="cpu", dtype=torch.float64))
+    corpus = Corpus.default().take(3)
+    kw = dict(unit="sentence", k=3, signed=True, max_len=48, layers=[0, 2], max_tokens=2000)
+    for batch_tokens in (200, 2048):
+        atlas = search_triggers(lens.adapter, corpus, batch_tokens=batch_tokens, progress=False, **kw)
+        assert_stats_equal(atlas, lens, corpus, kw, atlas.stats_settings, keys_to_frame=(0, 1535))
