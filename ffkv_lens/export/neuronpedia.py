@@ -78,9 +78,34 @@ def logit_histograms(source: ExportSource, layer: int) -> tuple[np.ndarray, np.n
     return np.concatenate(counts), np.concatenate(centres)
 
 
+_POW10 = np.array([float(10**i) for i in range(23)])  # exact powers of ten as doubles
+
+
+def round7(values: Any) -> np.ndarray:
+    """Each value as ``float(f"{v:.7g}")`` (7 significant digits), vectorised where that is exact.
+
+    For ``2**-18 <= |v| < 1e6`` the decimal rounding is ``round(v * 10**k) / 10**k`` with an exact power of
+    ten: the product's rounding error (at most 2**-30) is smaller than the distance of a float32 value's
+    scaled fraction from one half, so the same digits are chosen, and the division is correctly rounded
+    like ``float()`` of the digits. Zeros are kept; other values (tiny, huge, not finite) go through the
+    string formatting itself.
+    """
+    x = np.asarray(values, dtype=np.float64).ravel()
+    out = x.copy()
+    mag = np.abs(x)
+    fast = (mag >= 2.0**-18) & (mag < 1e6)
+    k = (6 - np.floor(np.log10(mag[fast]))).astype(np.int64)
+    scaled = mag[fast] * _POW10[k]
+    k = k - (scaled >= 1e7) + (scaled < 1e6)  # log10 one off next to a power of ten
+    out[fast] = np.round(x[fast] * _POW10[k]) / _POW10[k]
+    slow = np.flatnonzero(~fast & (mag != 0))
+    out[slow] = [float(f"{float(v):.7g}") for v in x[slow]]
+    return out
+
+
 def _round(values: Any) -> list[float]:
     """Floats at float32 precision (7 significant digits): what the values hold, in fewer characters."""
-    return [float(f"{float(v):.7g}") for v in values]
+    return round7(values).tolist()
 
 
 def feature_rows(source: ExportSource, layer: int, model_id: str) -> list[dict[str, Any]]:
@@ -114,11 +139,14 @@ def activation_rows(source: ExportSource, examples: LayerExamples, model_id: str
     """One activation row per exported example (top bin first, then the quantile groups), by feature index."""
     frame = examples.frame
     top_max = frame[frame["kind"] == "top"].groupby("key")["coefficient"].max().to_dict()
+    lengths = [len(c) for c in examples.coefficients]
+    rounded = round7(np.concatenate(examples.coefficients)) if lengths else np.empty(0)
+    ends = np.cumsum(lengths).tolist()
     rows = []
     for i, row in enumerate(frame.itertuples(index=False)):
-        if not len(examples.coefficients[i]):  # a peak on the BOS of an empty unit: nothing to show
+        if not lengths[i]:  # a peak on the BOS of an empty unit: nothing to show
             continue
-        values = np.asarray(_round(examples.coefficients[i]))
+        values = rounded[ends[i] - lengths[i] : ends[i]]
         top = row.kind == "top"
         binned = (-1.0, float(top_max[row.key]), -1.0) if top else (row.group_lo, row.group_hi, row.group_share)
         name = "top" if top else f"quantile{row.group}"
