@@ -108,6 +108,12 @@ def _round(values: Any) -> list[float]:
     return round7(values).tolist()
 
 
+def _round_rows(matrix: Any) -> list[list[float]]:
+    """:func:`_round` of every row of a 2-d array."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    return round7(matrix).reshape(matrix.shape).tolist()
+
+
 def feature_rows(source: ExportSource, layer: int, model_id: str) -> list[dict[str, Any]]:
     """One feature row per memory of ``layer``, by index."""
     stats = source.atlas.stats(layer)
@@ -116,6 +122,10 @@ def feature_rows(source: ExportSource, layer: int, model_id: str) -> list[dict[s
     freq = source.atlas.histograms(layer).numpy()
     logit_counts, logit_centres = logit_histograms(source, layer)
     hook = f"blocks.{layer}.mlp.hook_post"  # TransformerLens's name of the coefficients (an alias on the bridge)
+    p = source.projection
+    logit_bars = _round_rows(logit_centres)  # each [d_mlp, n] matrix rounded at once, not key by key
+    top, bottom = _round_rows(p.top_logits[layer].numpy()), _round_rows(p.bottom_logits[layer].numpy())
+    freq_rows, count_rows = freq.tolist(), logit_counts.tolist()
     rows = []
     for key, stat in zip(range(source.d_mlp), stats.itertuples(index=False), strict=True):
         value = source.value_tokens(layer, key)
@@ -124,11 +134,11 @@ def feature_rows(source: ExportSource, layer: int, model_id: str) -> list[dict[s
                 "modelId": model_id, "layer": source_id(layer), "index": str(key),
                 "maxActApprox": float(stat.max) if np.isfinite(stat.max) else 0.0,
                 "frac_nonzero": float(stat.density) if np.isfinite(stat.density) else 0.0,
-                "freq_hist_data_bar_heights": [int(c) for c in freq[key]], "freq_hist_data_bar_values": centres,
-                "logits_hist_data_bar_heights": [int(c) for c in logit_counts[key]],
-                "logits_hist_data_bar_values": _round(logit_centres[key]),
-                "pos_str": value["top_tokens"], "pos_values": _round(value["top_logits"]),
-                "neg_str": value["bottom_tokens"], "neg_values": _round(value["bottom_logits"]),
+                "freq_hist_data_bar_heights": freq_rows[key], "freq_hist_data_bar_values": centres,
+                "logits_hist_data_bar_heights": count_rows[key],
+                "logits_hist_data_bar_values": logit_bars[key],
+                "pos_str": value["top_tokens"], "pos_values": top[key],
+                "neg_str": value["bottom_tokens"], "neg_values": bottom[key],
                 "hookName": hook, "sourceSetName": SET_NAME,
             }
         )  # fmt: skip
