@@ -6,6 +6,7 @@ one file per layer, streamed as they are computed (``load_dataset("parquet", dat
 streaming=True)``). See docs/exports.md.
 """
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -110,15 +111,20 @@ def write_hf_dataset(source: ExportSource, out: Path, *, progress: bool = False)
             "--format hf-dataset needs the `datasets` package, which is not installed: pip install 'ffkv-lens[export]'."
         ) from None
     kinds = ("top", "bottom") if source.atlas.signed else ("top",)
-    tables, files = [], []
-    with atomic_folder(out / PARQUET) as folder:
-        for examples in source.examples(kinds=kinds, progress=progress):
-            table = layer_table(source, examples)
-            name = f"layer-{examples.layer}.parquet"
-            pq.write_table(table, folder / name)
-            tables.append(table)
-            files.append(name)
-    dataset = datasets.Dataset(pa.concat_tables(tables) if tables else _schema().empty_table())
-    with atomic_folder(out / DATASET) as folder:
-        dataset.save_to_disk(str(folder))
-    return {"rows": dataset.num_rows, "parquet": [f"{PARQUET}/{name}" for name in files], "dataset": DATASET}
+    files, rows = [], 0
+    with atomic_folder(out / DATASET) as target, atomic_folder(out / PARQUET) as folder:
+        staged = target / "rows" / "rows.arrow"  # each layer's table appended as it is done (memory: one layer)
+        staged.parent.mkdir()
+        with pa.OSFile(str(staged), "wb") as sink, pa.ipc.new_stream(sink, _schema()) as writer:
+            for examples in source.examples(kinds=kinds, progress=progress):
+                table = layer_table(source, examples)
+                name = f"layer-{examples.layer}.parquet"
+                pq.write_table(table, folder / name)
+                writer.write_table(table)
+                files.append(name)
+                rows += table.num_rows
+        dataset = datasets.Dataset.from_file(str(staged), in_memory=False)  # memory-mapped
+        dataset.save_to_disk(str(target))
+        del dataset
+        shutil.rmtree(staged.parent)
+    return {"rows": rows, "parquet": [f"{PARQUET}/{name}" for name in files], "dataset": DATASET}
