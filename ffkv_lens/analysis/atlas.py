@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -107,6 +108,14 @@ class UnitStore:
         row = self._row[int(unit_id)]
         start, end = int(self.offsets[row]), int(self.offsets[row + 1])
         return int(self.doc_ids[row]), self.tokens[start:end].tolist()
+
+    def doc_ids_of(self, unit_ids: Any) -> Any:
+        """The document of each of ``unit_ids`` (stored units), as an int64 numpy array."""
+        stored, wanted = self.unit_ids.numpy(), np.asarray(unit_ids, dtype=np.int64)
+        rows = np.minimum(np.searchsorted(stored, wanted), max(len(stored) - 1, 0))
+        if len(wanted) and (not len(stored) or not np.array_equal(stored[rows], wanted)):
+            raise KeyError(f"units {sorted(set(wanted.tolist()) - set(stored.tolist()))[:5]} are not stored")
+        return self.doc_ids.numpy()[rows].astype(np.int64)
 
     def tensors(self) -> dict[str, Tensor]:
         """The arrays, for safetensors."""
@@ -258,7 +267,7 @@ class TriggerAtlas(StatsViews):
             }
         )
         frame = frame[frame["unit_id"] >= 0].reset_index(drop=True)
-        frame["doc_id"] = [self.units.get(u)[0] for u in frame["unit_id"]]
+        frame["doc_id"] = self.units.doc_ids_of(frame["unit_id"].to_numpy())
         if text:
             examples = [
                 self._example(u, p, c) for u, p, c in zip(frame.unit_id, frame.position, frame.coefficient, strict=True)

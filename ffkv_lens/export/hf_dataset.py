@@ -6,8 +6,11 @@ one file per layer, streamed as they are computed (``load_dataset("parquet", dat
 streaming=True)``). See docs/exports.md.
 """
 
+import shutil
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ffkv_lens.errors import ConfigError
 from ffkv_lens.export.source import ExportSource, LayerExamples
@@ -47,26 +50,54 @@ def _schema() -> Any:
     )
 
 
-def layer_table(source: ExportSource, examples: LayerExamples) -> Any:
-    """The rows of one layer as a pyarrow Table of :func:`_schema`."""
+def _lists(lengths: np.ndarray, values: Any) -> Any:
+    """A pyarrow list array of consecutive runs of ``values`` (``lengths`` per row)."""
     import pyarrow as pa
 
-    frame = examples.frame
-    values = {key: source.value_tokens(examples.layer, key) for key in sorted(set(frame["key"].tolist()))}
-    columns: dict[str, list[Any]] = {name: [] for name in COLUMNS}
-    rows = zip(frame.itertuples(index=False), examples.tokens, examples.coefficients, strict=True)
-    for row, tokens, coefficients in rows:
-        position = int(row.position)
-        nxt = tokens[position + 1] if position + 1 < len(tokens) else None
-        value = values[int(row.key)]
-        items = (
-            examples.layer, int(row.key), int(row.sign), int(row.rank), int(row.unit_id), int(row.doc_id), tokens,
-            source.unit(int(row.unit_id))[1], coefficients, position, float(row.coefficient),
-            None if nxt is None else source.decode([nxt])[0], nxt, value["top_tokens"], value["top_logits"],
-        )  # fmt: skip
-        for name, item in zip(COLUMNS, items, strict=True):
-            columns[name].append(item)
-    return pa.table(columns, schema=_schema())
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), values)
+
+
+def layer_table(source: ExportSource, examples: LayerExamples) -> Any:
+    """The rows of one layer as a pyarrow Table of :func:`_schema`, built column by column."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    frame, n = examples.frame, len(examples.frame)
+    lengths = np.fromiter((len(t) for t in examples.tokens), dtype=np.int64, count=n)
+    flat_ids = np.fromiter((t for tokens in examples.tokens for t in tokens), dtype=np.int64, count=int(lengths.sum()))
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    position = frame["position"].to_numpy(dtype=np.int64)
+    has_next = position + 1 < lengths
+    next_ids = np.where(has_next, flat_ids[np.minimum(starts + position + 1, max(len(flat_ids) - 1, 0))], 0)
+    keys = frame["key"].to_numpy(dtype=np.int64)
+    p = source.projection
+    top_ids = p.top_ids[examples.layer]
+    top_strings = _lists(np.full(top_ids.shape[0], top_ids.shape[1]), source.vocabulary(top_ids.reshape(-1).numpy()))
+    top_logits = _lists(np.full(top_ids.shape[0], top_ids.shape[1]), p.top_logits[examples.layer].reshape(-1).numpy())
+    coefficients = np.concatenate(examples.coefficients) if n else np.empty(0, np.float32)
+    schema = _schema()
+    arrays = [
+        pa.array(np.full(n, examples.layer, dtype=np.int32)),
+        pa.array(keys.astype(np.int32)),
+        pa.array(frame["sign"].to_numpy(dtype=np.int8)),
+        pa.array(frame["rank"].to_numpy(dtype=np.int32)),
+        pa.array(frame["unit_id"].to_numpy(dtype=np.int64)),
+        pa.array(frame["doc_id"].to_numpy(dtype=np.int64)),
+        _lists(lengths, pa.array(flat_ids.astype(np.int32))),
+        _lists(lengths, source.vocabulary(flat_ids)),
+        _lists(lengths, pa.array(coefficients.astype(np.float32))),
+        pa.array(position.astype(np.int32)),
+        pa.array(frame["coefficient"].to_numpy(dtype=np.float64).astype(np.float32)),
+        pc.if_else(pa.array(has_next), source.vocabulary(next_ids), pa.scalar(None, pa.string())),
+        pa.array(next_ids, mask=~has_next, type=pa.int64()),
+        top_strings.take(pa.array(keys)),
+        top_logits.cast(pa.list_(pa.float32())).take(pa.array(keys)),
+    ]
+    return pa.Table.from_arrays(
+        [a.cast(f.type) if a.type != f.type else a for a, f in zip(arrays, schema, strict=True)], schema=schema
+    )
 
 
 def write_hf_dataset(source: ExportSource, out: Path, *, progress: bool = False) -> dict[str, Any]:
@@ -80,15 +111,20 @@ def write_hf_dataset(source: ExportSource, out: Path, *, progress: bool = False)
             "--format hf-dataset needs the `datasets` package, which is not installed: pip install 'ffkv-lens[export]'."
         ) from None
     kinds = ("top", "bottom") if source.atlas.signed else ("top",)
-    tables, files = [], []
-    with atomic_folder(out / PARQUET) as folder:
-        for examples in source.examples(kinds=kinds, progress=progress):
-            table = layer_table(source, examples)
-            name = f"layer-{examples.layer}.parquet"
-            pq.write_table(table, folder / name)
-            tables.append(table)
-            files.append(name)
-    dataset = datasets.Dataset(pa.concat_tables(tables) if tables else _schema().empty_table())
-    with atomic_folder(out / DATASET) as folder:
-        dataset.save_to_disk(str(folder))
-    return {"rows": dataset.num_rows, "parquet": [f"{PARQUET}/{name}" for name in files], "dataset": DATASET}
+    files, rows = [], 0
+    with atomic_folder(out / DATASET) as target, atomic_folder(out / PARQUET) as folder:
+        staged = target / "rows" / "rows.arrow"  # each layer's table appended as it is done (memory: one layer)
+        staged.parent.mkdir()
+        with pa.OSFile(str(staged), "wb") as sink, pa.ipc.new_stream(sink, _schema()) as writer:
+            for examples in source.examples(kinds=kinds, progress=progress):
+                table = layer_table(source, examples)
+                name = f"layer-{examples.layer}.parquet"
+                pq.write_table(table, folder / name)
+                writer.write_table(table)
+                files.append(name)
+                rows += table.num_rows
+        dataset = datasets.Dataset.from_file(str(staged), in_memory=False)  # memory-mapped
+        dataset.save_to_disk(str(target))
+        del dataset
+        shutil.rmtree(staged.parent)
+    return {"rows": rows, "parquet": [f"{PARQUET}/{name}" for name in files], "dataset": DATASET}

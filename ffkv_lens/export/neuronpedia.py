@@ -31,6 +31,7 @@ ROOT = "v1"
 BATCH = 1024  # features per batch file (export-data.py's FEATURES_EXPLANATIONS_BATCH_SIZE / ACTIVATIONS_BATCH_SIZE)
 SET_NAME = "ffkv-mlp"  # the source set: one source per layer, "<layer>-ffkv-mlp"
 LOGIT_BINS = 40  # bars of each value's logit histogram over the vocabulary
+GZIP_LEVEL = 1  # fast: the batches are JSON text, level 1 keeps most of the ratio at a fraction of the time
 _LOGIT_CHUNK = 256  # memories projected at a time for the logit histograms
 _MODEL_ID = re.compile(r"^[a-z0-9_-]{1,128}$")  # Neuronpedia's Model.id rule (letters, digits, - and _; lowercase)
 
@@ -77,9 +78,40 @@ def logit_histograms(source: ExportSource, layer: int) -> tuple[np.ndarray, np.n
     return np.concatenate(counts), np.concatenate(centres)
 
 
+_POW10 = np.array([float(10**i) for i in range(23)])  # exact powers of ten as doubles
+
+
+def round7(values: Any) -> np.ndarray:
+    """Each value as ``float(f"{v:.7g}")`` (7 significant digits), vectorised where that is exact.
+
+    For ``2**-18 <= |v| < 1e6`` the decimal rounding is ``round(v * 10**k) / 10**k`` with an exact power of
+    ten: the product's rounding error (at most 2**-30) is smaller than the distance of a float32 value's
+    scaled fraction from one half, so the same digits are chosen, and the division is correctly rounded
+    like ``float()`` of the digits. Zeros are kept; other values (tiny, huge, not finite) go through the
+    string formatting itself.
+    """
+    x = np.asarray(values, dtype=np.float64).ravel()
+    out = x.copy()
+    mag = np.abs(x)
+    fast = (mag >= 2.0**-18) & (mag < 1e6)
+    k = (6 - np.floor(np.log10(mag[fast]))).astype(np.int64)
+    scaled = mag[fast] * _POW10[k]
+    k = k - (scaled >= 1e7) + (scaled < 1e6)  # log10 one off next to a power of ten
+    out[fast] = np.round(x[fast] * _POW10[k]) / _POW10[k]
+    slow = np.flatnonzero(~fast & (mag != 0))
+    out[slow] = [float(f"{float(v):.7g}") for v in x[slow]]
+    return out
+
+
 def _round(values: Any) -> list[float]:
     """Floats at float32 precision (7 significant digits): what the values hold, in fewer characters."""
-    return [float(f"{float(v):.7g}") for v in values]
+    return round7(values).tolist()
+
+
+def _round_rows(matrix: Any) -> list[list[float]]:
+    """:func:`_round` of every row of a 2-d array."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    return round7(matrix).reshape(matrix.shape).tolist()
 
 
 def feature_rows(source: ExportSource, layer: int, model_id: str) -> list[dict[str, Any]]:
@@ -89,7 +121,11 @@ def feature_rows(source: ExportSource, layer: int, model_id: str) -> list[dict[s
     centres = _round((edges[:-1] + edges[1:]) / 2)
     freq = source.atlas.histograms(layer).numpy()
     logit_counts, logit_centres = logit_histograms(source, layer)
-    hook = source.lens.hook_names(layer).coefficients
+    hook = f"blocks.{layer}.mlp.hook_post"  # TransformerLens's name of the coefficients (an alias on the bridge)
+    p = source.projection
+    logit_bars = _round_rows(logit_centres)  # each [d_mlp, n] matrix rounded at once, not key by key
+    top, bottom = _round_rows(p.top_logits[layer].numpy()), _round_rows(p.bottom_logits[layer].numpy())
+    freq_rows, count_rows = freq.tolist(), logit_counts.tolist()
     rows = []
     for key, stat in zip(range(source.d_mlp), stats.itertuples(index=False), strict=True):
         value = source.value_tokens(layer, key)
@@ -98,11 +134,11 @@ def feature_rows(source: ExportSource, layer: int, model_id: str) -> list[dict[s
                 "modelId": model_id, "layer": source_id(layer), "index": str(key),
                 "maxActApprox": float(stat.max) if np.isfinite(stat.max) else 0.0,
                 "frac_nonzero": float(stat.density) if np.isfinite(stat.density) else 0.0,
-                "freq_hist_data_bar_heights": [int(c) for c in freq[key]], "freq_hist_data_bar_values": centres,
-                "logits_hist_data_bar_heights": [int(c) for c in logit_counts[key]],
-                "logits_hist_data_bar_values": _round(logit_centres[key]),
-                "pos_str": value["top_tokens"], "pos_values": _round(value["top_logits"]),
-                "neg_str": value["bottom_tokens"], "neg_values": _round(value["bottom_logits"]),
+                "freq_hist_data_bar_heights": freq_rows[key], "freq_hist_data_bar_values": centres,
+                "logits_hist_data_bar_heights": count_rows[key],
+                "logits_hist_data_bar_values": logit_bars[key],
+                "pos_str": value["top_tokens"], "pos_values": top[key],
+                "neg_str": value["bottom_tokens"], "neg_values": bottom[key],
                 "hookName": hook, "sourceSetName": SET_NAME,
             }
         )  # fmt: skip
@@ -113,11 +149,14 @@ def activation_rows(source: ExportSource, examples: LayerExamples, model_id: str
     """One activation row per exported example (top bin first, then the quantile groups), by feature index."""
     frame = examples.frame
     top_max = frame[frame["kind"] == "top"].groupby("key")["coefficient"].max().to_dict()
+    lengths = [len(c) for c in examples.coefficients]
+    rounded = round7(np.concatenate(examples.coefficients)) if lengths else np.empty(0)
+    ends = np.cumsum(lengths).tolist()
     rows = []
     for i, row in enumerate(frame.itertuples(index=False)):
-        if not len(examples.coefficients[i]):  # a peak on the BOS of an empty unit: nothing to show
+        if not lengths[i]:  # a peak on the BOS of an empty unit: nothing to show
             continue
-        values = np.asarray(_round(examples.coefficients[i]))
+        values = rounded[ends[i] - lengths[i] : ends[i]]
         top = row.kind == "top"
         binned = (-1.0, float(top_max[row.key]), -1.0) if top else (row.group_lo, row.group_hi, row.group_share)
         name = "top" if top else f"quantile{row.group}"
@@ -141,7 +180,9 @@ def _write_batches(folder: Path, rows: list[dict[str, Any]]) -> int:
     for row in rows:
         batches.setdefault(int(row["index"]) // BATCH, []).append(json.dumps(row, allow_nan=False))
     for n, lines in sorted(batches.items()):
-        (folder / f"batch-{n}.jsonl.gz").write_bytes(gzip.compress(("\n".join(lines) + "\n").encode(), 5, mtime=0))
+        (folder / f"batch-{n}.jsonl.gz").write_bytes(
+            gzip.compress(("\n".join(lines) + "\n").encode(), GZIP_LEVEL, mtime=0)
+        )
     return len(batches)
 
 

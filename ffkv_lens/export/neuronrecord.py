@@ -24,7 +24,8 @@ NEURONS = "neurons"  # neurons/{layer}/{key}.json
 
 
 def _record(tokens: list[str], activations: np.ndarray) -> dict[str, Any]:
-    return {"dataclass_name": "ActivationRecord", "tokens": tokens, "activations": [float(a) for a in activations]}
+    values = activations.astype(np.float64).tolist()  # the same Python floats as float(a) of each element
+    return {"dataclass_name": "ActivationRecord", "tokens": tokens, "activations": values}
 
 
 def _number(value: float) -> float | None:
@@ -36,16 +37,36 @@ def neuron_record(
     source: ExportSource, layer: int, key: int, rows: Any, examples: LayerExamples, stats: dict[str, Any], groups: int
 ) -> dict[str, Any]:
     """The NeuronRecord of one memory from its example rows (indices into ``examples``) and statistics row."""
+    columns = _columns(examples)
+    return _neuron_record(source, layer, key, rows, examples, columns, stats, groups)
+
+
+def _columns(examples: LayerExamples) -> dict[str, np.ndarray]:
+    """The frame's columns a record reads, as numpy arrays (row access without pandas)."""
     frame = examples.frame
-    top = [i for i in rows if frame.at[i, "kind"] == "top"]
+    return {name: frame[name].to_numpy() for name in ("kind", "group", "unit_id", "group_lo", "group_hi")}
+
+
+def _neuron_record(
+    source: ExportSource,
+    layer: int,
+    key: int,
+    rows: Any,
+    examples: LayerExamples,
+    columns: dict[str, np.ndarray],
+    stats: dict[str, Any],
+    groups: int,
+) -> dict[str, Any]:
+    kind, group_of, units = columns["kind"], columns["group"], columns["unit_id"]
+    top = [i for i in rows if kind[i] == "top"]
     by_group: list[list[dict[str, Any]]] = [[] for _ in range(groups)]
     bounds: list[float | None] = [None] * (groups + 1)
     for i in rows:
-        if frame.at[i, "kind"] != "quantile":
+        if kind[i] != "quantile":
             continue
-        group = int(frame.at[i, "group"])
-        by_group[group].append(_record(source.unit(int(frame.at[i, "unit_id"]))[1], examples.coefficients[i]))
-        bounds[group], bounds[group + 1] = float(frame.at[i, "group_lo"]), float(frame.at[i, "group_hi"])
+        group = int(group_of[i])
+        by_group[group].append(_record(source.unit(int(units[i]))[1], examples.coefficients[i]))
+        bounds[group], bounds[group + 1] = float(columns["group_lo"][i]), float(columns["group_hi"][i])
     std = float(stats["std"])
     return {
         "dataclass_name": "NeuronRecord",
@@ -58,7 +79,7 @@ def neuron_record(
         "skewness": None,
         "kurtosis": None,
         "most_positive_activation_records": [
-            _record(source.unit(int(frame.at[i, "unit_id"]))[1], examples.coefficients[i]) for i in top
+            _record(source.unit(int(units[i]))[1], examples.coefficients[i]) for i in top
         ],
     }
 
@@ -71,11 +92,14 @@ def write_neuron_records(source: ExportSource, out: Path, *, progress: bool = Fa
         for examples in source.examples(kinds=("top", "quantile"), progress=progress):
             layer = examples.layer
             stats = source.atlas.stats(layer).set_index("key")
+            means, stds = stats["mean"].to_dict(), stats["std"].to_dict()
             by_key = examples.frame.groupby("key").indices
+            columns = _columns(examples)
             (folder / str(layer)).mkdir()
             for key in range(source.d_mlp):
                 rows = by_key.get(key, np.empty(0, dtype=np.int64))
-                record = neuron_record(source, layer, key, rows, examples, stats.loc[key].to_dict(), groups)
+                moments = {"mean": means[key], "std": stds[key]}
+                record = _neuron_record(source, layer, key, rows, examples, columns, moments, groups)
                 (folder / str(layer) / f"{key}.json").write_text(json.dumps(record, allow_nan=False), encoding="utf-8")
                 written += 1
     return {"records": written, "path": f"{NEURONS}/{{layer}}/{{key}}.json"}

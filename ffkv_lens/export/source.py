@@ -21,8 +21,9 @@ from ffkv_lens.report.memories import RunFolder
 
 __all__ = ["EXAMPLES_PER_PASS", "ExportSource", "LayerExamples"]
 
-# Example rows recomputed per group of layers: bounds the memory of one pass, not its results.
-EXAMPLES_PER_PASS = 262_144
+# Example rows recomputed per group of layers: bounds the memory of one pass (about 250 bytes a row), not its
+# results. The demo run's 30 layers (4.6 million hf-dataset rows) share one forward pass.
+EXAMPLES_PER_PASS = 8_388_608
 _COLUMNS = ("key", "kind", "sign", "rank", "unit_id", "doc_id", "position", "coefficient", "group", "group_lo",
             "group_hi", "group_share")  # fmt: skip
 
@@ -113,6 +114,24 @@ class ExportSource:
         """Memories per layer."""
         return self.atlas.d_mlp
 
+    @cached_property
+    def _table(self) -> Any:
+        """Every token id of the vocabulary decoded alone, as a pyarrow string array (built once per export)."""
+        import pyarrow as pa
+
+        tokenizer = self.atlas.tokenizer
+        size = max(len(tokenizer), int((self.atlas.manifest.get("model_layout") or {}).get("d_vocab") or 0))
+        return pa.array(tokenizer.batch_decode([[t] for t in range(size)]), type=pa.string())
+
+    def vocabulary(self, ids: Any) -> Any:
+        """The strings of token ``ids`` (:meth:`decode`'s), as a pyarrow string array, without a Python loop."""
+        import pyarrow as pa
+
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) and int(ids.max()) >= len(self._table):
+            return pa.array(self.decode(ids.tolist()), type=pa.string())
+        return self._table.take(pa.array(ids))
+
     def decode(self, ids: Sequence[int]) -> list[str]:
         """Each token decoded alone (a multi-byte character split over tokens shows as U+FFFD pieces)."""
         missing = sorted({int(t) for t in ids if int(t) not in self._decoded})
@@ -200,7 +219,7 @@ class ExportSource:
             group[layer] = self.frame(layer, kinds=kinds)
             if sum(len(f) for f in group.values()) < EXAMPLES_PER_PASS and i + 1 < len(self.layers):
                 continue
-            units = len({int(u) for f in group.values() for u in f["unit_id"]})
+            units = len(np.unique(np.concatenate([f["unit_id"].to_numpy(dtype=np.int64) for f in group.values()])))
             span = f"layers {min(group)}-{max(group)}" if len(group) > 1 else f"layer {layer}"
             with tqdm(total=units, desc=f"{span}: coefficients", unit="unit", disable=not progress) as bar:
                 got = recompute(self.lens.adapter, self.atlas, group, advance=bar.update)

@@ -14,8 +14,10 @@ def export_run_dir(tiny_folder, tmp_path_factory: pytest.TempPathFactory) -> Pat
     root = tmp_path_factory.mktemp("export-run")
     corpus = root / "corpus.txt"
     corpus.write_text((TEXT + "\n") * 3)
+    # k=4 signed: every memory has top and bottom examples; the steps the exports do not read (mutation test,
+    # dynamics) run at their smallest sizes.
     config = RunConfig(
-        model=str(tiny_folder("llama")), corpus=str(corpus), k=4, keys_per_layer=4, examples=3, positions=16,
+        model=str(tiny_folder("llama")), corpus=str(corpus), k=4, keys_per_layer=1, examples=1, positions=4,
         max_tokens=2000,
     )  # fmt: skip
     return run_study(config, root / "run", progress=False)

@@ -37,6 +37,11 @@ def test_foreign_folder_is_refused_and_a_finished_export_needs_force(export_run_
     result = export_run(export_run_dir, out, format="hf-dataset", progress=False, force=True)
     assert (out / "notes.txt").read_text() == "mine too" and result.manifest["layers"] == [0, 1, 2]
     assert sorted(p.name for p in (out / "parquet").iterdir()) == [f"layer-{i}.parquet" for i in range(3)]
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "status": "running"}))  # an export that was killed
+    again = export_run(export_run_dir, out, format="hf-dataset", progress=False, layers=[0])  # redone, no --force
+    assert again.manifest["status"] == "finished" and (out / "notes.txt").is_file()
+    assert sorted(p.name for p in (out / "parquet").iterdir()) == ["layer-0.parquet"]
 
 
 def test_other_weights_fail_on_the_peak_check(export_run_dir, tmp_path) -> None:

@@ -74,6 +74,7 @@ def test_layout_features_and_activations_fit_the_schema(export_run_dir, exported
         stats = atlas.stats(layer)
         for feature in features:
             assert set(feature) <= FEATURE_COLUMNS and feature["layer"] == f"{layer}-ffkv-mlp"
+            assert feature["hookName"] == f"blocks.{layer}.mlp.hook_post"
             check_types(feature)
             key = int(feature["index"])
             assert sum(feature["freq_hist_data_bar_heights"]) == int(stats["count"][key])
@@ -119,3 +120,20 @@ def test_batches_hold_1024_features_each(tmp_path) -> None:
 
 def read_rows_one(path) -> list[dict]:
     return [json.loads(line) for line in gzip.decompress(path.read_bytes()).decode().splitlines()]
+
+
+def test_round7_equals_the_string_rounding_for_float32_values() -> None:
+    import numpy as np
+
+    from ffkv_lens.export.neuronpedia import round7
+
+    rng = np.random.default_rng(0)
+    signs = rng.choice([-1.0, 1.0], 400_000)
+    magnitudes = 10.0 ** rng.uniform(-12, 9, 400_000)
+    powers = np.array([10.0**i for i in range(-12, 9)], dtype=np.float32)
+    near = np.concatenate([np.nextafter(powers, 0), powers, np.nextafter(powers, np.inf)])  # log10 edge cases
+    ties = np.array([1234567.5, 0.5, 2.0**-18, 2.0**-19, 999999.94, 1e6, 0.0, -0.0], dtype=np.float32)
+    values = np.concatenate([(signs * magnitudes).astype(np.float32), near, -near, ties])
+    want = [float(f"{float(v):.7g}") for v in values]
+    got = round7(values).tolist()
+    assert [repr(g) for g in got] == [repr(w) for w in want]  # the same doubles (and the same signed zeros)
