@@ -3,6 +3,7 @@
 Column names are fixed by the statistics contract (docs/triggers.md, "Per-memory statistics").
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,8 +28,7 @@ class StatsViews:
     memory_stats: dict[int, LayerStats] | None
     units: Any
 
-    def _decode(self, ids: list[int]) -> str:  # pragma: no cover - provided by TriggerAtlas
-        raise NotImplementedError
+    _decode: Callable[[list[int]], str]  # TriggerAtlas._decode
 
     @property
     def has_stats(self) -> bool:
