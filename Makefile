@@ -38,7 +38,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 # Budgets sized for about 15 minutes on 2 CPU cores; with a GPU raise them (README).
-DEMO_FLAGS ?= --max-tokens 30000 --keys-per-layer 10 --examples 5 --positions 500
+DEMO_FLAGS ?= --max-tokens 30000 --keys-per-layer 10 --examples 5 --positions 500 --causal-keys-per-layer 4 --causal-examples 2
 demo: setup
 	$(VENV)/bin/ffkv-lens run --model smollm2-135m --out runs/demo $(DEMO_FLAGS)
 	@echo "report: runs/demo/report.html (figures: runs/demo/figures, tables: runs/demo/tables); browse: $(VENV)/bin/ffkv-lens browse runs/demo"

@@ -409,6 +409,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     done = result.manifest["result"]
     print(f"exported {args.format} in {time.perf_counter() - start:.1f} s: {result.path}")
     print("  " + ", ".join(f"{k} {v}" for k, v in done.items() if isinstance(v, (int, str))))
+    return 0
 
 
 def _add_locate(sub: argparse._SubParsersAction) -> None:

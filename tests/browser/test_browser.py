@@ -277,7 +277,7 @@ def check_report(browser, path) -> dict:
 def test_report_opens_offline_with_every_figure_and_the_gallery(browser, tiny_run) -> None:
     found = check_report(browser, tiny_run / "report.html")
     assert found["problems"] == []  # no errors and no request beyond the file itself
-    assert len(found["figures"]) == 6 and all(found["figures"])  # every figure decoded and drawn
+    assert len(found["figures"]) == 7 and all(found["figures"])  # every figure (causal included) decoded and drawn
     assert found["cards"] > 0 and found["peaks"] >= found["cards"]
 
 

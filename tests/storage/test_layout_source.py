@@ -31,7 +31,7 @@ def test_the_steps_are_listed_only_in_layout() -> None:
 
 
 def test_steps_and_formats() -> None:
-    assert RUN_STEPS == ("triggers", "values", "dynamics", "agreement", "mutation", "figures", "report")
+    assert RUN_STEPS == ("triggers", "values", "dynamics", "agreement", "causal", "mutation", "figures", "report")
     assert ANALYSIS_STEPS == RUN_STEPS[:-1]
     assert (RUN.prefix, COMPARISON.prefix) == ("ffkv_lens.run/", "ffkv_lens.compare/")
     assert RUN.owns({"format": RUN.format}) and not RUN.owns({"format": COMPARISON.format})
