@@ -11,7 +11,6 @@ Example:
     >>> write_comparison_report("runs/cmp")  # doctest: +SKIP
 """
 
-import base64
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import pandas as pd
 from ffkv_lens.comparison.curves import CURVES
 from ffkv_lens.comparison.reader import Comparison
 from ffkv_lens.errors import FfkvLensError
-from ffkv_lens.report.html import _CSS, _card, _e, _kv, _not_run, _number
+from ffkv_lens.report.html import _CSS, _card, _e, _kv, _not_run, _number, figure_file
 from ffkv_lens.storage import atomic_write_bytes
 from ffkv_lens.storage.layout import ComparisonPaths
 
@@ -66,19 +65,6 @@ def render_comparison_report(comparison: Comparison) -> str:
     )
 
 
-def _img(path: Path, label: str) -> str:
-    for suffix in (".svg", ".png"):
-        candidate = path.with_suffix(suffix)
-        if candidate.is_file():
-            mime = "image/svg+xml" if suffix == ".svg" else "image/png"
-            data = base64.b64encode(candidate.read_bytes()).decode("ascii")
-            return (
-                f'<figure id="figure-{_e(path.name)}"><img alt="{_e(label)}" src="data:{mime};base64,{data}">'
-                f"<figcaption>{_e(label)} <small>(figures/{_e(candidate.name)})</small></figcaption></figure>"
-            )
-    return _not_run(f"figure {path.name} not drawn")
-
-
 def _runs(comparison: Comparison) -> str:
     m = comparison.manifest
     rows = "".join(
@@ -113,7 +99,7 @@ def _curves(comparison: Comparison) -> str:
     for curve in CURVES:
         path = ComparisonPaths(comparison.path).figure(f"curve_{curve.name}")
         if path.with_suffix(".svg").is_file():
-            parts.append(_img(path, f"{curve.paper}: {curve.title}" if curve.paper else curve.title))
+            parts.append(figure_file(path, f"{curve.paper}: {curve.title}" if curve.paper else curve.title))
     return "".join(parts)
 
 
@@ -143,10 +129,10 @@ def _matches(comparison: Comparison) -> str:
         for kind, summary in pair["kinds"].items():
             parts.append(f"<h4>{_e(kind)} matches</h4>")
             parts.append(_summary_table(kind, summary, a, b))
-            parts.append(_img(ComparisonPaths(comparison.path).figure(f"calibration_{kind}_{a}__{b}"),
+            parts.append(figure_file(ComparisonPaths(comparison.path).figure(f"calibration_{kind}_{a}__{b}"),
                               f"{kind}: real vs null best scores"))  # fmt: skip
             for src, dst in ((a, b), (b, a)):
-                parts.append(_img(ComparisonPaths(comparison.path).figure(f"density_{kind}_{src}__{dst}"),
+                parts.append(figure_file(ComparisonPaths(comparison.path).figure(f"density_{kind}_{src}__{dst}"),
                                   f"{kind}: layers of {src} vs {dst}"))  # fmt: skip
                 parts.append(_examples(comparison, frame, kind, src, dst))
     return "".join(parts)

@@ -7,14 +7,13 @@ The styling and cell formatting are the run report's (:mod:`ffkv_lens.report.htm
 HTML-escaped (prompts and trigger examples are arbitrary text).
 """
 
-import base64
 import time
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from ffkv_lens.report.html import _CSS, _e, _frame_table, _kv, _not_run
+from ffkv_lens.report.html import _CSS, _e, _frame_table, _kv, _not_run, figure_file
 from ffkv_lens.storage import atomic_write_bytes
 from ffkv_lens.storage.atomic import read_json
 from ffkv_lens.storage.layout import FactsPaths
@@ -41,19 +40,6 @@ def write_facts_report(path: str | Path) -> Path:
 def _table(paths: FactsPaths, name: str) -> pd.DataFrame:
     path = paths.table(name)
     return pd.read_csv(path, keep_default_na=False, na_values=[""]) if path.is_file() else pd.DataFrame()
-
-
-def _img(path: Path, label: str) -> str:
-    for suffix in (".svg", ".png"):
-        candidate = path.with_suffix(suffix)
-        if candidate.is_file():
-            mime = "image/svg+xml" if suffix == ".svg" else "image/png"
-            data = base64.b64encode(candidate.read_bytes()).decode("ascii")
-            return (
-                f'<figure><img alt="{_e(label)}" src="data:{mime};base64,{data}">'
-                f"<figcaption>{_e(label)} <small>(figures/{_e(candidate.name)})</small></figcaption></figure>"
-            )
-    return _not_run(f"figure {path.name} not drawn")
 
 
 def _part(tables: dict[str, pd.DataFrame], name: str, fact: str, title: str) -> str:
@@ -97,7 +83,7 @@ def render_facts_report(paths: FactsPaths) -> str:
     settings = {**manifest.get("settings", {}), "model": model, **manifest.get("source", {})}
     shown = [c for c in tables["facts"].columns if c not in ("audit_worst_prefix", "edited")]
     overview = _frame_table(tables["facts"][shown]) if len(tables["facts"]) else _not_run("no facts")
-    figure = _img(paths.figure("attribution_vs_ablation"), "Estimated vs measured change of log p(target)")
+    figure = figure_file(paths.figure("attribution_vs_ablation"), "Estimated vs measured change of log p(target)")
     facts = "".join(_fact_section(f, summaries.get(str(f["id"]), {}), tables) for f in manifest.get("facts", []))
     sections = [
         ("settings", "Settings", _kv(settings)),

@@ -287,12 +287,26 @@ def _figure(run: RunFolder, name: str, label: str) -> str:
     path = run.figure(name)
     if path is None:
         return _not_run(f"figure {name} not drawn: run `ffkv-lens report {run.path}` to draw it")
+    return _embed(path, name, f"figure {name}", label)
+
+
+def _embed(path: Path, name: str, alt: str, label: str) -> str:
+    """One figure file inlined as a data: URL (the page stays self-contained)."""
     mime = "image/svg+xml" if path.suffix == ".svg" else "image/png"
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     return (
-        f'<figure id="figure-{_e(name)}"><img alt="figure {_e(name)}" src="data:{mime};base64,{data}">'
+        f'<figure id="figure-{_e(name)}"><img alt="{_e(alt)}" src="data:{mime};base64,{data}">'
         f"<figcaption>{_e(label)} <small>(figures/{_e(path.name)})</small></figcaption></figure>"
     )
+
+
+def figure_file(stem: Path, label: str) -> str:
+    """The figure ``stem`` (its .svg, else its .png) inlined, or a "not drawn" note (comparison and facts pages)."""
+    for suffix in (".svg", ".png"):
+        candidate = stem.with_suffix(suffix)
+        if candidate.is_file():
+            return _embed(candidate, stem.name, label, label)
+    return _not_run(f"figure {stem.name} not drawn")
 
 
 def _number(value: Any) -> str:
